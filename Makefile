@@ -1,0 +1,36 @@
+# Every target sets up what it needs on a fresh machine: the .venv, libaio, the package, the op.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.ds_fastckpt-installed
+LIBAIO_PROBE := printf '\043include <libaio.h>\nint main(void){io_context_t c=0;return io_setup(1,&c);}\n' | cc -x c - -laio -o /dev/null
+
+.PHONY: test bench libaio clean
+
+test: $(INSTALLED)
+	$(PY) -m pytest tests
+
+bench: $(INSTALLED)
+	$(PY) benchmarks/bench_writer.py
+
+# libaio's headers and library: installed with apt when we are root, else a clear stop.
+libaio:
+	@if ! $(LIBAIO_PROBE) 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev; \
+	  else \
+	    echo "libaio is missing: install Debian/Ubuntu 'libaio-dev' or Fedora/RHEL 'libaio-devel' as root, then rerun make" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+# torch==2.13.0 is only installed when the venv has no torch: a torch the user chose is kept.
+$(INSTALLED): setup.py | libaio
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[test]"
+	$(PY) -c "from ds_fastckpt.writer import load_op; load_op()"
+	touch $@
+
+clean:
+	rm -rf build dist *.egg-info

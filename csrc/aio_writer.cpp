@@ -1,0 +1,185 @@
+#include "aio_writer.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "fault_injection.h"
+#include "io_error.h"
+
+namespace ds_fastckpt {
+
+namespace {
+
+constexpr int kCreateFlags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC;
+constexpr mode_t kCreateMode = 0666;  // narrowed by the umask, like open() in Python
+
+std::size_t round_up(std::size_t n, std::size_t to) { return (n + to - 1) / to * to; }
+
+// Opens with O_DIRECT; a filesystem that rejects it (EINVAL) gets a buffered
+// descriptor instead, and `direct` says which one the caller got.
+int open_retrying(const std::string& path, int flags, const char* fault_point) {
+  if (const int err = faults::hit(fault_point)) {
+    errno = err;
+    return -1;
+  }
+  int fd;
+  do {
+    fd = ::open(path.c_str(), flags, kCreateMode);
+  } while (fd < 0 && errno == EINTR);
+  return fd;
+}
+
+UniqueFd open_for_write(const std::string& path, bool& direct) {
+  int fd = open_retrying(path, kCreateFlags | O_DIRECT, "open_direct");
+  direct = fd >= 0;
+  if (fd < 0 && errno == EINVAL) fd = open_retrying(path, kCreateFlags, "open");
+  if (fd < 0) throw_io_error(errno, "open", path);
+  return UniqueFd(fd);
+}
+
+// errno of a syscall that returned `rc`, or of a fault injected at `point`.
+int syscall_error(int rc, const char* point) {
+  if (const int err = faults::hit(point)) return err;
+  return rc < 0 ? errno : 0;
+}
+
+void check_options(const WriterOptions& options, const std::string& path) {
+  if (options.block_size == 0 || options.block_size % kDirectAlignment != 0) {
+    throw_io_error(EINVAL, "write (block_size must be a positive multiple of 4096)", path);
+  }
+}
+
+void queue_chunks(AioQueue& queue, int tag, const std::uint8_t* data, std::size_t size,
+                  std::uint64_t offset, std::size_t block_size) {
+  for (std::size_t done = 0; done < size; done += block_size) {
+    queue.enqueue(tag, data + done, std::min(block_size, size - done), offset + done);
+  }
+}
+
+// Truncates away block padding, makes the file durable, and closes it. The
+// descriptor is closed on every path; a failed fsync is reported, never retried
+// (a second fsync can succeed after the kernel dropped the dirty pages).
+void finish_file(UniqueFd& fd, const std::string& path, std::uint64_t exact_size,
+                 std::uint64_t written_size, bool do_fsync) {
+  if (written_size != exact_size) {
+    int rc;
+    do {
+      rc = ::ftruncate(fd.get(), static_cast<off_t>(exact_size));
+    } while (rc < 0 && errno == EINTR);
+    if (const int err = syscall_error(rc, "ftruncate")) {
+      fd.close();
+      throw_io_error(err, "ftruncate", path);
+    }
+  }
+  if (do_fsync) {
+    if (const int err = syscall_error(::fsync(fd.get()), "fsync")) {
+      fd.close();
+      throw_io_error(err, "fsync", path);
+    }
+  }
+  const int close_err = fd.close();
+  const int injected = faults::hit("close");
+  if (const int err = injected ? injected : close_err) throw_io_error(err, "close", path);
+}
+
+}  // namespace
+
+AioWriter::AioWriter(std::string path, std::uint8_t* staging, std::size_t half_bytes,
+                     WriterOptions options)
+    : path_(std::move(path)),
+      options_(options),
+      halves_{staging, staging + half_bytes},
+      half_bytes_(half_bytes) {
+  check_options(options_, path_);
+  if (half_bytes_ == 0 || half_bytes_ % kDirectAlignment != 0 ||
+      reinterpret_cast<std::uintptr_t>(staging) % kDirectAlignment != 0) {
+    throw_io_error(EINVAL, "open (staging buffer must be 4096-aligned whole blocks)", path_);
+  }
+  fd_ = open_for_write(path_, direct_);
+  queue_ = std::make_unique<AioQueue>(fd_.get(), path_, options_.queue_depth);
+}
+
+AioWriter::~AioWriter() { abort(); }
+
+void AioWriter::require_open(const char* op) const {
+  if (!fd_.valid()) throw_io_error(EBADF, std::string(op) + " (writer is closed)", path_);
+}
+
+void AioWriter::queue_active_half(std::size_t padded_bytes) {
+  queue_chunks(*queue_, active_, halves_[active_], padded_bytes, half_offset_, options_.block_size);
+  half_offset_ += padded_bytes;
+  fill_ = 0;
+}
+
+void AioWriter::write(const std::uint8_t* data, std::size_t size) {
+  require_open("write");
+  try {
+    copy_and_queue(data, size);
+  } catch (...) {
+    abort();
+    throw;
+  }
+}
+
+void AioWriter::copy_and_queue(const std::uint8_t* data, std::size_t size) {
+  while (size > 0) {
+    const std::size_t n = std::min(size, half_bytes_ - fill_);
+    std::memcpy(halves_[active_] + fill_, data, n);
+    fill_ += n;
+    accepted_ += n;
+    data += n;
+    size -= n;
+    if (fill_ == half_bytes_) {
+      queue_active_half(half_bytes_);
+      active_ ^= 1;
+      // The other half may still be on its way to disk; wait before reuse.
+      queue_->drain(active_);
+    }
+  }
+}
+
+void AioWriter::close() {
+  require_open("close");
+  try {
+    if (fill_ > 0) {
+      const std::size_t padded = round_up(fill_, kDirectAlignment);
+      std::memset(halves_[active_] + fill_, 0, padded - fill_);
+      queue_active_half(padded);
+    }
+    queue_->drain_all();
+  } catch (...) {
+    abort();
+    throw;
+  }
+  queue_.reset();
+  finish_file(fd_, path_, accepted_, half_offset_, options_.fsync);
+}
+
+void AioWriter::abort() noexcept {
+  queue_.reset();
+  fd_.close();
+}
+
+void write_aligned_file(const std::string& path, const std::uint8_t* data, std::size_t size,
+                        WriterOptions options) {
+  check_options(options, path);
+  if (reinterpret_cast<std::uintptr_t>(data) % kDirectAlignment != 0 ||
+      size % kDirectAlignment != 0) {
+    throw_io_error(EINVAL, "write (buffer must be 4096-aligned whole blocks)", path);
+  }
+  bool direct = false;
+  UniqueFd fd = open_for_write(path, direct);
+  {
+    AioQueue queue(fd.get(), path, options.queue_depth);
+    queue_chunks(queue, 0, data, size, 0, options.block_size);
+    queue.drain_all();
+  }
+  finish_file(fd, path, size, size, options.fsync);
+}
+
+}  // namespace ds_fastckpt

@@ -1,0 +1,164 @@
+"""``AioFileWriter``: a write-only file object that ``torch.save`` writes through libaio + O_DIRECT."""
+
+import functools
+import io
+import logging
+import os
+from typing import Optional
+
+from .op_builder import FastCkptBuilder
+from .staging import DIRECT_ALIGNMENT, StagingBuffer
+
+logger = logging.getLogger(__name__)
+
+# DeepSpeed's "aio" section defaults for block_size and queue_depth.
+DEFAULT_BLOCK_SIZE = 1 << 20
+DEFAULT_QUEUE_DEPTH = 8
+DEFAULT_IO_BUFFER_SIZE = 16 << 20
+
+_warned_buffered_dirs = set()
+
+
+@functools.lru_cache(maxsize=None)
+def load_op():
+    """The native op, built or loaded once per process."""
+    return FastCkptBuilder().load()
+
+
+def _check_positive_multiple(name: str, value, multiple: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a positive multiple of {multiple}")
+
+
+class AioFileWriter(io.RawIOBase):
+    """A write-only, non-seekable file whose bytes go to disk through libaio with O_DIRECT.
+
+    ``torch.save(obj, AioFileWriter(path))`` writes exactly the bytes
+    ``torch.save(obj, io.BytesIO())`` would, and ``torch.load(path)`` reads
+    them back. Opening truncates an existing file.
+
+    Data is copied into a staging half; a full half is written with
+    ``queue_depth`` requests of ``block_size`` bytes in flight while the next
+    half fills. ``flush()`` writes nothing: O_DIRECT cannot write a partial
+    block before the end of the file is known, so bytes reach the file when a
+    half fills and at ``close()``. ``close()`` writes the rest, fsyncs (unless
+    ``fsync=False``) and closes the descriptor; when it returns the file is
+    durable.
+
+    The first I/O error closes the descriptor at once and is kept: later
+    writes are discarded, and ``flush()`` and the first ``close()`` raise it
+    as an ``OSError`` with errno and path. ``torch.save`` keeps writing after
+    a failed write and then fails on its own zip bookkeeping; it does call
+    ``flush()`` at the end, which is where it gets the real error. A failed
+    fsync is never retried into a false success. An exception inside a
+    ``with`` block abandons the file: descriptor closed, no fsync.
+
+    A writer dropped without ``close()`` closes its descriptor without fsync.
+    If the filesystem refuses O_DIRECT, the file is written buffered and
+    fsynced, with one warning per directory.
+
+    Args:
+        path: file to create or truncate.
+        io_buffer_size: bytes per staging half (two halves are used); a
+            positive multiple of 4096. Defaults to ``staging.io_buffer_size``
+            when a staging buffer is given, else 16 MiB.
+        queue_depth: libaio requests in flight; positive.
+        block_size: bytes per request; a positive multiple of 4096.
+        fsync: fsync before closing, so the file survives a power loss.
+        staging: a ``StagingBuffer`` to reuse across writers; by default each
+            writer allocates its own.
+
+    Raises:
+        ValueError: for a size or depth that is not allowed.
+        OSError: when the file cannot be created (errno and path kept).
+    """
+
+    def __init__(self,
+                 path,
+                 *,
+                 io_buffer_size: Optional[int] = None,
+                 queue_depth: int = DEFAULT_QUEUE_DEPTH,
+                 block_size: int = DEFAULT_BLOCK_SIZE,
+                 fsync: bool = True,
+                 staging: Optional[StagingBuffer] = None):
+        super().__init__()
+        self._native = None
+        self._error: Optional[OSError] = None
+        self.name = os.fspath(path)
+        if staging is None:
+            staging = StagingBuffer(DEFAULT_IO_BUFFER_SIZE if io_buffer_size is None else io_buffer_size)
+        elif io_buffer_size is not None and io_buffer_size != staging.io_buffer_size:
+            raise ValueError(f"io_buffer_size={io_buffer_size!r} is not allowed with a staging buffer of "
+                             f"{staging.io_buffer_size} bytes per half: leave it out or make them equal")
+        _check_positive_multiple("block_size", block_size, DIRECT_ALIGNMENT)
+        if isinstance(queue_depth, bool) or not isinstance(queue_depth, int) or queue_depth <= 0:
+            raise ValueError(f"queue_depth={queue_depth!r} is not allowed: it must be a positive integer")
+        self._staging = staging
+        staging.acquire()
+        try:
+            self._native = load_op().AioWriter(self.name, staging.tensor, staging.io_buffer_size, block_size,
+                                               queue_depth, bool(fsync))
+        except BaseException:
+            staging.release()
+            raise
+        if not self._native.is_direct:
+            _warn_buffered(self.name)
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        self._checkClosed()
+        return self._native.bytes_written
+
+    def write(self, data) -> int:
+        self._checkClosed()
+        size = memoryview(data).nbytes
+        if self._error is None:
+            try:
+                self._native.write(data)
+            except OSError as error:
+                self._error = error  # the op has already closed the descriptor
+        return size
+
+    def flush(self) -> None:
+        self._checkClosed()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self._error is not None:
+                raise self._error
+            self._native.close()
+        finally:
+            self._release()
+
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is None:
+            self.close()
+        elif not self.closed:
+            self._abandon()
+        return False
+
+    def __del__(self):
+        if self._native is not None and not self.closed:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        self._native.abort()
+        self._release()
+
+    def _release(self) -> None:
+        self._staging.release()
+        super().close()
+
+
+def _warn_buffered(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if directory not in _warned_buffered_dirs:
+        _warned_buffered_dirs.add(directory)
+        logger.warning("The filesystem of %s does not support O_DIRECT; writing there with buffered I/O and "
+                       "fsync instead, which is slower.", directory)

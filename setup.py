@@ -1,0 +1,70 @@
+"""Packaging for ds_fastckpt.
+
+``pip install .`` ships the C++ sources inside the package, so the op can be
+JIT-built on first use. ``DS_BUILD_FASTCKPT=1 pip install --no-build-isolation .``
+compiles it at install time instead, the way ``DS_BUILD_AIO=1`` does for
+DeepSpeed (torch and deepspeed must already be installed, hence no isolation).
+"""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+CSRC_SUFFIXES = (".cpp", ".h")
+
+
+class BuildPyWithCsrc(build_py):
+    """Copies csrc/ into the built package as ds_fastckpt/csrc/, where the op builder finds it."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "ds_fastckpt" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for source in sorted((ROOT / "csrc").iterdir()):
+            if source.suffix in CSRC_SUFFIXES:
+                shutil.copy2(source, target / source.name)
+
+
+def prebuilt_extension():
+    """The op as a setuptools extension when DS_BUILD_FASTCKPT=1, else None."""
+    if os.environ.get("DS_BUILD_FASTCKPT", "0") != "1":
+        return None
+    sys.path.insert(0, str(ROOT))
+    try:
+        from torch.utils.cpp_extension import BuildExtension
+        from ds_fastckpt.op_builder import FastCkptBuilder
+    except ImportError as error:
+        raise SystemExit("DS_BUILD_FASTCKPT=1 needs torch and deepspeed installed at build time: install them, "
+                         f"then run 'DS_BUILD_FASTCKPT=1 pip install --no-build-isolation .' ({error})")
+    builder = FastCkptBuilder()
+    if not builder.is_compatible(verbose=True):
+        raise SystemExit(builder.error_log)
+    return builder.builder(), BuildExtension
+
+
+cmdclass = {"build_py": BuildPyWithCsrc}
+ext_modules = []
+prebuilt = prebuilt_extension()
+if prebuilt is not None:
+    extension, build_ext = prebuilt
+    ext_modules.append(extension)
+    cmdclass["build_ext"] = build_ext
+
+setup(
+    name="ds_fastckpt",
+    version="0.1.0",
+    description="Fast, durable, leak-proof DeepSpeed checkpointing with libaio + O_DIRECT",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["ds_fastckpt", "ds_fastckpt.*"]),
+    install_requires=["deepspeed>=0.17.1", "torch", "ninja"],
+    extras_require={"test": ["pytest", "hypothesis"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

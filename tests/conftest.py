@@ -1,0 +1,54 @@
+import contextlib
+import os
+import subprocess
+
+import pytest
+
+from ds_fastckpt import open_fds_under, op_fd_counters
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leaks(tmp_path):
+    """Every test ends with no descriptor into its tmp dir and the op's opens balanced by closes."""
+    before = op_fd_counters()
+    yield
+    assert open_fds_under(tmp_path) == []
+    after = op_fd_counters()
+    assert after.open_now == before.open_now, f"op fd counters before {before}, after {after}"
+
+
+def filesystem_type(path) -> str:
+    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.fixture
+def ext4_dir(tmp_path):
+    """A directory on a filesystem that enforces O_DIRECT alignment (tmpfs does not)."""
+    fs_type = filesystem_type(tmp_path)
+    if fs_type in ("tmpfs", "ramfs"):
+        pytest.skip(f"tmp_path {tmp_path} is on {fs_type}, which does not enforce O_DIRECT alignment")
+    return tmp_path
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """Mounts a tmpfs (options such as 'size=1m' or 'ro') at a fresh dir; needs root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+
+    def mount(name: str, options: str):
+        target = tmp_path / name
+        target.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount tmpfs here: {result.stderr.strip()}")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            subprocess.run(["umount", str(target)], check=True)
