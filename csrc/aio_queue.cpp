@@ -15,20 +15,53 @@ AioQueue::AioQueue(int fd, std::string path, unsigned depth)
     ctx_ = nullptr;
     throw_io_error(-rc, "io_setup", path_);
   }
+  worker_ = std::thread([this] { run(); });
 }
 
 AioQueue::~AioQueue() {
-  if (ctx_ != nullptr) io_destroy(ctx_);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+    queued_.clear();
+  }
+  work_.notify_one();
+  worker_.join();  // returns once nothing is in flight
+  io_destroy(ctx_);
 }
 
-void AioQueue::enqueue(int tag, const std::uint8_t* buf, std::size_t len, std::uint64_t offset) {
-  queued_.push_back(Chunk{tag, buf, len, offset});
-  submit_queued();
+void AioQueue::run() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (true) {
+    work_.wait(lock, [this] { return stopping_ || in_flight_ > 0 || !queued_.empty(); });
+    if (stopping_ && in_flight_ == 0) return;
+    submit_queued_locked();
+    if (in_flight_ == 0) continue;
+
+    lock.unlock();
+    struct io_event events[64];
+    int n;
+    do {
+      n = io_getevents(ctx_, 1, 64, events, nullptr);
+    } while (n == -EINTR);
+    lock.lock();
+
+    if (n < 0) {
+      // Without completions we cannot know when the kernel is done with the
+      // caller's memory; io_destroy() in the destructor waits for it.
+      fail_locked(-n, "io_getevents");
+      for (Slot& slot : slots_) slot.busy = false;
+      in_flight_ = 0;
+    }
+    for (int i = 0; i < n; ++i) {
+      complete_locked(*static_cast<Slot*>(events[i].data), static_cast<long>(events[i].res));
+    }
+    progress_.notify_all();
+  }
 }
 
-void AioQueue::submit_queued() {
+void AioQueue::submit_queued_locked() {
   for (Slot& slot : slots_) {
-    if (queued_.empty()) return;
+    if (queued_.empty() || error_ != 0) return;
     if (slot.busy) continue;
     slot.chunk = queued_.front();
     io_prep_pwrite(&slot.cb, fd_, const_cast<std::uint8_t*>(slot.chunk.buf), slot.chunk.len,
@@ -39,63 +72,45 @@ void AioQueue::submit_queued() {
     do {
       rc = io_submit(ctx_, 1, cbs);
     } while (rc == -EINTR || rc == -EAGAIN);
-    if (rc != 1) fail(rc < 0 ? -rc : EIO, "io_submit");
+    if (rc != 1) {
+      fail_locked(rc < 0 ? -rc : EIO, "io_submit");
+      progress_.notify_all();
+      return;
+    }
     queued_.pop_front();
     slot.busy = true;
     ++in_flight_;
   }
 }
 
-void AioQueue::reap_one_or_more() {
-  struct io_event events[64];
-  const long max_events = static_cast<long>(sizeof(events) / sizeof(events[0]));
-  int n;
-  do {
-    n = io_getevents(ctx_, 1, max_events, events, nullptr);
-  } while (n == -EINTR);
-  if (n < 0) fail(-n, "io_getevents");
-  // Account for every reaped event before reporting an error, so fail() waits
-  // only for requests that are really still in flight.
-  int first_error = 0;
-  for (int i = 0; i < n; ++i) {
-    const int err = complete(*static_cast<Slot*>(events[i].data), static_cast<long>(events[i].res));
-    if (first_error == 0) first_error = err;
-  }
-  if (first_error != 0) fail(first_error, "write");
-}
-
-int AioQueue::complete(Slot& slot, long result) {
+void AioQueue::complete_locked(Slot& slot, long result) {
   slot.busy = false;
   --in_flight_;
-  if (const int injected = faults::hit("write")) return injected;
-  if (result < 0) return static_cast<int>(-result);
+  if (const int injected = faults::hit("write")) result = -injected;
+  if (result < 0) return fail_locked(static_cast<int>(-result), "write");
   const auto written = static_cast<std::size_t>(result);
-  if (written == 0) return EIO;
-  if (written < slot.chunk.len) {
+  if (written == 0) return fail_locked(EIO, "write (no progress)");
+  if (written < slot.chunk.len && error_ == 0) {
     // A short write (typically the disk filling up): write the rest, so the
     // kernel reports the real error, e.g. ENOSPC, on the retry.
     queued_.push_front(Chunk{slot.chunk.tag, slot.chunk.buf + written, slot.chunk.len - written,
                              slot.chunk.offset + written});
   }
-  return 0;
 }
 
-void AioQueue::fail(int err, const char* op) {
-  queued_.clear();
-  // Wait for the requests still in flight: they point into the caller's
-  // staging memory, which may be reused as soon as we throw.
-  while (in_flight_ > 0) {
-    struct io_event events[64];
-    const int n = io_getevents(ctx_, 1, 64, events, nullptr);
-    if (n == -EINTR) continue;
-    if (n < 0) break;
-    for (int i = 0; i < n; ++i) static_cast<Slot*>(events[i].data)->busy = false;
-    in_flight_ -= static_cast<unsigned>(n);
+void AioQueue::fail_locked(int err, const char* op) {
+  if (error_ == 0) {
+    error_ = err;
+    error_op_ = op;
   }
-  throw_io_error(err, op, path_);
+  queued_.clear();
 }
 
-bool AioQueue::has_outstanding(int tag) const {
+void AioQueue::throw_if_failed_locked() const {
+  if (error_ != 0) throw_io_error(error_, error_op_, path_);
+}
+
+bool AioQueue::has_outstanding_locked(int tag) const {
   for (const Chunk& chunk : queued_) {
     if (chunk.tag == tag) return true;
   }
@@ -105,18 +120,25 @@ bool AioQueue::has_outstanding(int tag) const {
   return false;
 }
 
-void AioQueue::drain(int tag) {
-  while (has_outstanding(tag)) {
-    reap_one_or_more();
-    submit_queued();
+void AioQueue::enqueue(int tag, const std::uint8_t* buf, std::size_t len, std::uint64_t offset) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    throw_if_failed_locked();
+    queued_.push_back(Chunk{tag, buf, len, offset});
   }
+  work_.notify_one();
+}
+
+void AioQueue::drain(int tag) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  progress_.wait(lock, [this, tag] { return !has_outstanding_locked(tag); });
+  throw_if_failed_locked();
 }
 
 void AioQueue::drain_all() {
-  while (in_flight_ > 0 || !queued_.empty()) {
-    if (in_flight_ > 0) reap_one_or_more();
-    submit_queued();
-  }
+  std::unique_lock<std::mutex> lock(mutex_);
+  progress_.wait(lock, [this] { return queued_.empty() && in_flight_ == 0; });
+  throw_if_failed_locked();
 }
 
 }  // namespace ds_fastckpt

@@ -1,23 +1,28 @@
-// A bounded libaio submission queue for writes to one file.
+// A bounded libaio submission queue for writes to one file, serviced by its own thread.
 #pragma once
 
 #include <libaio.h>
 
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace ds_fastckpt {
 
 // Writes chunks of caller-owned memory to one descriptor with at most `depth`
-// requests in flight. Chunks carry a tag (the staging half they come from) so a
-// caller can wait for one half while the other keeps the disk busy.
+// requests in flight. A worker thread submits queued chunks and reaps
+// completions, so the disk stays busy while the caller copies the next chunk;
+// the caller only enqueues and, when it needs memory back, drains.
 //
-// The memory behind every enqueued chunk must stay valid until drain() of its
-// tag returns or the queue is destroyed; the destructor waits for in-flight
-// requests (io_destroy blocks on them), so no write outlives the queue.
+// Chunks carry a tag (the staging half they come from) so a caller can wait
+// for one half while the other keeps the disk busy. The memory behind every
+// enqueued chunk must stay valid until drain() of its tag returns or the
+// queue is destroyed; the destructor waits for in-flight requests.
 class AioQueue {
  public:
   AioQueue(int fd, std::string path, unsigned depth);
@@ -26,12 +31,12 @@ class AioQueue {
   AioQueue(const AioQueue&) = delete;
   AioQueue& operator=(const AioQueue&) = delete;
 
-  // Queues a write of [buf, buf + len) at file offset `offset` and submits as
-  // many queued chunks as there are free slots.
+  // Queues a write of [buf, buf + len) at file offset `offset`. Throws the
+  // first error of an earlier chunk, if any.
   void enqueue(int tag, const std::uint8_t* buf, std::size_t len, std::uint64_t offset);
 
-  // Blocks until no chunk with `tag` is queued or in flight. Throws IoError on
-  // the first failed chunk, after every in-flight request has completed.
+  // Blocks until no chunk with `tag` is queued or in flight. Throws IoError
+  // for the first failed chunk; after a failure nothing more is submitted.
   void drain(int tag);
   void drain_all();
 
@@ -48,19 +53,28 @@ class AioQueue {
     bool busy = false;
   };
 
-  void submit_queued();
-  void reap_one_or_more();
-  // Returns the errno of a failed request, 0 otherwise.
-  int complete(Slot& slot, long result);
-  void fail(int err, const char* op);
-  bool has_outstanding(int tag) const;
+  void run();
+  // Both with mutex_ held.
+  void submit_queued_locked();
+  void complete_locked(Slot& slot, long result);
+  bool has_outstanding_locked(int tag) const;
+  void fail_locked(int err, const char* op);
+  void throw_if_failed_locked() const;
 
   int fd_;
   std::string path_;
   io_context_t ctx_ = nullptr;
   std::vector<Slot> slots_;
+
+  std::mutex mutex_;
+  std::condition_variable work_;      // worker: chunks queued or stopping
+  std::condition_variable progress_;  // callers: a chunk finished or failed
   std::deque<Chunk> queued_;
   unsigned in_flight_ = 0;
+  bool stopping_ = false;
+  int error_ = 0;
+  const char* error_op_ = nullptr;
+  std::thread worker_;
 };
 
 }  // namespace ds_fastckpt

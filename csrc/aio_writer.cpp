@@ -54,6 +54,22 @@ void check_options(const WriterOptions& options, const std::string& path) {
   }
 }
 
+// On ext4 an O_DIRECT write that extends the file completes inside
+// io_submit(), which would serialise the caller's copying with the disk.
+// Growing the size ahead (a sparse ftruncate) keeps the writes asynchronous;
+// finish_file() truncates to the exact length. Doubling bounds the number of
+// ftruncate calls, each of which waits for in-flight direct I/O.
+void reserve_size(int fd, const std::string& path, std::uint64_t end, std::uint64_t& reserved) {
+  if (end <= reserved) return;
+  const std::uint64_t target = std::max(end, 2 * reserved);
+  int rc;
+  do {
+    rc = ::ftruncate(fd, static_cast<off_t>(target));
+  } while (rc < 0 && errno == EINTR);
+  if (const int err = syscall_error(rc, "ftruncate")) throw_io_error(err, "ftruncate", path);
+  reserved = target;
+}
+
 void queue_chunks(AioQueue& queue, int tag, const std::uint8_t* data, std::size_t size,
                   std::uint64_t offset, std::size_t block_size) {
   for (std::size_t done = 0; done < size; done += block_size) {
@@ -61,12 +77,12 @@ void queue_chunks(AioQueue& queue, int tag, const std::uint8_t* data, std::size_
   }
 }
 
-// Truncates away block padding, makes the file durable, and closes it. The
+// Truncates away block padding and reserved space, makes the file durable, and closes it. The
 // descriptor is closed on every path; a failed fsync is reported, never retried
 // (a second fsync can succeed after the kernel dropped the dirty pages).
 void finish_file(UniqueFd& fd, const std::string& path, std::uint64_t exact_size,
-                 std::uint64_t written_size, bool do_fsync) {
-  if (written_size != exact_size) {
+                 std::uint64_t reserved_size, bool do_fsync) {
+  if (reserved_size != exact_size) {
     int rc;
     do {
       rc = ::ftruncate(fd.get(), static_cast<off_t>(exact_size));
@@ -111,6 +127,7 @@ void AioWriter::require_open(const char* op) const {
 }
 
 void AioWriter::queue_active_half(std::size_t padded_bytes) {
+  reserve_size(fd_.get(), path_, half_offset_ + padded_bytes, reserved_);
   queue_chunks(*queue_, active_, halves_[active_], padded_bytes, half_offset_, options_.block_size);
   half_offset_ += padded_bytes;
   fill_ = 0;
@@ -157,7 +174,7 @@ void AioWriter::close() {
     throw;
   }
   queue_.reset();
-  finish_file(fd_, path_, accepted_, half_offset_, options_.fsync);
+  finish_file(fd_, path_, accepted_, reserved_, options_.fsync);
 }
 
 void AioWriter::abort() noexcept {
@@ -174,12 +191,14 @@ void write_aligned_file(const std::string& path, const std::uint8_t* data, std::
   }
   bool direct = false;
   UniqueFd fd = open_for_write(path, direct);
+  std::uint64_t reserved = 0;
   {
+    reserve_size(fd.get(), path, size, reserved);
     AioQueue queue(fd.get(), path, options.queue_depth);
     queue_chunks(queue, 0, data, size, 0, options.block_size);
     queue.drain_all();
   }
-  finish_file(fd, path, size, size, options.fsync);
+  finish_file(fd, path, size, reserved, options.fsync);
 }
 
 }  // namespace ds_fastckpt

@@ -67,6 +67,7 @@ class AioWriter {
   int active_ = 0;
   std::size_t fill_ = 0;
   std::uint64_t half_offset_ = 0;
+  std::uint64_t reserved_ = 0;  // file size set ahead of the writes
   std::uint64_t accepted_ = 0;
 };
 
