@@ -2,6 +2,7 @@
 
 #include <cerrno>
 
+#include "crc32c.h"
 #include "fault_injection.h"
 #include "io_error.h"
 
@@ -64,6 +65,7 @@ void AioQueue::submit_queued_locked() {
     if (queued_.empty() || error_ != 0) return;
     if (slot.busy) continue;
     slot.chunk = queued_.front();
+    checksum_ = crc32c_extend(checksum_, slot.chunk.buf, slot.chunk.checksum_len);
     io_prep_pwrite(&slot.cb, fd_, const_cast<std::uint8_t*>(slot.chunk.buf), slot.chunk.len,
                    static_cast<long long>(slot.chunk.offset));
     slot.cb.data = &slot;
@@ -94,7 +96,7 @@ void AioQueue::complete_locked(Slot& slot, long result) {
     // A short write (typically the disk filling up): write the rest, so the
     // kernel reports the real error, e.g. ENOSPC, on the retry.
     queued_.push_front(Chunk{slot.chunk.tag, slot.chunk.buf + written, slot.chunk.len - written,
-                             slot.chunk.offset + written});
+                             slot.chunk.offset + written, 0});
   }
 }
 
@@ -120,11 +122,12 @@ bool AioQueue::has_outstanding_locked(int tag) const {
   return false;
 }
 
-void AioQueue::enqueue(int tag, const std::uint8_t* buf, std::size_t len, std::uint64_t offset) {
+void AioQueue::enqueue(int tag, const std::uint8_t* buf, std::size_t len, std::uint64_t offset,
+                       std::size_t checksum_len) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     throw_if_failed_locked();
-    queued_.push_back(Chunk{tag, buf, len, offset});
+    queued_.push_back(Chunk{tag, buf, len, offset, checksum_len});
   }
   work_.notify_one();
 }
@@ -139,6 +142,11 @@ void AioQueue::drain_all() {
   std::unique_lock<std::mutex> lock(mutex_);
   progress_.wait(lock, [this] { return queued_.empty() && in_flight_ == 0; });
   throw_if_failed_locked();
+}
+
+std::uint32_t AioQueue::checksum() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return checksum_;
 }
 
 }  // namespace ds_fastckpt

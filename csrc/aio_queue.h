@@ -19,6 +19,11 @@ namespace ds_fastckpt {
 // completions, so the disk stays busy while the caller copies the next chunk;
 // the caller only enqueues and, when it needs memory back, drains.
 //
+// The worker also extends a CRC-32C over each chunk's first `checksum_len`
+// bytes just before submitting it; chunks are submitted in the order they were
+// enqueued, so the checksum is that of the file when chunks are enqueued in
+// file order. It runs on the worker, beside the caller's copying.
+//
 // Chunks carry a tag (the staging half they come from) so a caller can wait
 // for one half while the other keeps the disk busy. The memory behind every
 // enqueued chunk must stay valid until drain() of its tag returns or the
@@ -31,14 +36,19 @@ class AioQueue {
   AioQueue(const AioQueue&) = delete;
   AioQueue& operator=(const AioQueue&) = delete;
 
-  // Queues a write of [buf, buf + len) at file offset `offset`. Throws the
-  // first error of an earlier chunk, if any.
-  void enqueue(int tag, const std::uint8_t* buf, std::size_t len, std::uint64_t offset);
+  // Queues a write of [buf, buf + len) at file offset `offset`, of which the
+  // first `checksum_len` bytes count toward checksum(). Throws the first error
+  // of an earlier chunk, if any.
+  void enqueue(int tag, const std::uint8_t* buf, std::size_t len, std::uint64_t offset,
+               std::size_t checksum_len);
 
   // Blocks until no chunk with `tag` is queued or in flight. Throws IoError
   // for the first failed chunk; after a failure nothing more is submitted.
   void drain(int tag);
   void drain_all();
+
+  // CRC-32C of the checksummed bytes of every chunk submitted so far.
+  std::uint32_t checksum();
 
  private:
   struct Chunk {
@@ -46,6 +56,7 @@ class AioQueue {
     const std::uint8_t* buf;
     std::size_t len;
     std::uint64_t offset;
+    std::size_t checksum_len;
   };
   struct Slot {
     struct iocb cb;
@@ -72,6 +83,7 @@ class AioQueue {
   std::deque<Chunk> queued_;
   unsigned in_flight_ = 0;
   bool stopping_ = false;
+  std::uint32_t checksum_ = 0;
   int error_ = 0;
   const char* error_op_ = nullptr;
   std::thread worker_;

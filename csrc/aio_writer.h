@@ -49,6 +49,8 @@ class AioWriter {
   void abort() noexcept;
 
   std::uint64_t bytes_written() const noexcept { return accepted_; }
+  // CRC-32C of the file's bytes; complete once close() has returned.
+  std::uint32_t checksum() const noexcept { return checksum_; }
   bool is_direct() const noexcept { return direct_; }
   bool is_open() const noexcept { return fd_.valid(); }
 
@@ -69,10 +71,12 @@ class AioWriter {
   std::uint64_t half_offset_ = 0;
   std::uint64_t reserved_ = 0;  // file size set ahead of the writes
   std::uint64_t accepted_ = 0;
+  std::uint32_t checksum_ = 0;
 };
 
 // Writes `size` bytes from an aligned buffer straight to `path` with the same
-// queue, no staging copy: the ceiling of what the disk accepts from this op.
+// queue, no staging copy and no checksum: the ceiling of what the disk
+// accepts from this op.
 void write_aligned_file(const std::string& path, const std::uint8_t* data, std::size_t size,
                         WriterOptions options);
 

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "aio_writer.h"
+#include "crc32c.h"
 #include "fault_injection.h"
 #include "io_error.h"
 #include "unique_fd.h"
@@ -61,6 +62,7 @@ class PyAioWriter {
   }
 
   std::uint64_t bytes_written() const { return writer_->bytes_written(); }
+  std::uint32_t checksum() const { return writer_->checksum(); }
   bool is_direct() const { return writer_->is_direct(); }
   bool is_open() const { return writer_->is_open(); }
 
@@ -74,6 +76,15 @@ void write_aligned(const std::string& path, const torch::Tensor& buffer, std::si
   const std::uint8_t* data = aligned_bytes(buffer, size, "buffer");
   py::gil_scoped_release release;
   write_aligned_file(path, data, size, WriterOptions{block_size, queue_depth, fsync});
+}
+
+std::uint32_t crc32c(const py::buffer& data, std::uint32_t crc) {
+  py::buffer_info info = data.request();
+  TORCH_CHECK(PyBuffer_IsContiguous(info.view(), 'C'), "crc32c() needs a C-contiguous buffer");
+  const auto* bytes = static_cast<const std::uint8_t*>(info.ptr);
+  const auto size = static_cast<std::size_t>(info.size * info.itemsize);
+  py::gil_scoped_release release;
+  return crc32c_extend(crc, bytes, size);
 }
 
 py::dict fd_counters() {
@@ -112,11 +123,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("close", &PyAioWriter::close)
       .def("abort", &PyAioWriter::abort)
       .def_property_readonly("bytes_written", &PyAioWriter::bytes_written)
+      .def_property_readonly("checksum", &PyAioWriter::checksum)
       .def_property_readonly("is_direct", &PyAioWriter::is_direct)
       .def_property_readonly("is_open", &PyAioWriter::is_open);
 
   m.def("write_aligned", &ds_fastckpt::write_aligned, py::arg("path"), py::arg("buffer"),
         py::arg("size"), py::arg("block_size"), py::arg("queue_depth"), py::arg("fsync"));
+  m.def("crc32c", &ds_fastckpt::crc32c, py::arg("data"), py::arg("crc") = 0,
+        "CRC-32C of a buffer, extending `crc`; the checksum manifests record.");
   m.def("_arm_fault", &ds_fastckpt::faults::arm, py::arg("point"), py::arg("errno"), py::arg("skip"),
         "Test hook: fail hit number skip+1 of a syscall point with errno.");
   m.def("_disarm_faults", &ds_fastckpt::faults::disarm_all);

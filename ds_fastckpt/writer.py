@@ -53,7 +53,11 @@ class AioFileWriter(io.RawIOBase):
     fsync is never retried into a false success. An exception inside a
     ``with`` block abandons the file: descriptor closed, no fsync.
 
+    The op computes a CRC-32C of the bytes as they go to disk, on its I/O
+    thread; ``checksum`` returns it after ``close()``.
+
     A writer dropped without ``close()`` closes its descriptor without fsync.
+    Like other raw file objects, a writer is used by one thread at a time.
     If the filesystem refuses O_DIRECT, the file is written buffered and
     fsynced, with one warning per directory.
 
@@ -84,6 +88,7 @@ class AioFileWriter(io.RawIOBase):
         super().__init__()
         self._native = None
         self._error: Optional[OSError] = None
+        self._finished = False
         self.name = os.fspath(path)
         if staging is None:
             staging = StagingBuffer(DEFAULT_IO_BUFFER_SIZE if io_buffer_size is None else io_buffer_size)
@@ -113,7 +118,10 @@ class AioFileWriter(io.RawIOBase):
 
     def write(self, data) -> int:
         self._checkClosed()
-        size = memoryview(data).nbytes
+        view = memoryview(data)
+        if not view.c_contiguous:
+            raise ValueError("AioFileWriter.write() needs a C-contiguous bytes-like object")
+        size = view.nbytes
         if self._error is None:
             try:
                 self._native.write(data)
@@ -133,8 +141,20 @@ class AioFileWriter(io.RawIOBase):
             if self._error is not None:
                 raise self._error
             self._native.close()
+            self._finished = True
         finally:
             self._release()
+
+    @property
+    def checksum(self) -> int:
+        """CRC-32C of every byte of the file, computed on the way to disk.
+
+        Raises:
+            ValueError: before ``close()`` has returned successfully.
+        """
+        if not self._finished:
+            raise ValueError(f"the checksum of {self.name} is known only after a successful close()")
+        return self._native.checksum
 
     def __exit__(self, exc_type, exc, traceback):
         if exc_type is None:

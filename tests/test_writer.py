@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ds_fastckpt import AioFileWriter, StagingBuffer, deleted_fds_under, open_fds_under
+from ds_fastckpt.writer import load_op
 
 # Small staging halves and blocks so that kilobyte payloads cross many halves.
 HALF = 8192
@@ -55,6 +56,23 @@ def test_raw_bytes_are_exact(ext4_dir, size):
         assert writer.write(payload) == size
         assert writer.tell() == size
     assert path.read_bytes() == payload
+
+
+@pytest.mark.parametrize("size", [0, 1, 4097, 3 * HALF + 1])
+def test_checksum_is_crc32c_of_the_file(tmp_path, size):
+    payload = os.urandom(size)
+    path = tmp_path / "sum.bin"
+    writer = AioFileWriter(path, **SMALL)
+    writer.write(payload)
+    with pytest.raises(ValueError, match="only after a successful close"):
+        writer.checksum
+    writer.close()
+    assert writer.checksum == load_op().crc32c(path.read_bytes())
+
+
+def test_crc32c_matches_the_standard_check_value():
+    assert load_op().crc32c(b"123456789") == 0xE3069283
+    assert load_op().crc32c(b"56789", load_op().crc32c(b"1234")) == 0xE3069283
 
 
 @pytest.mark.parametrize("size", PAYLOAD_SIZES)
@@ -120,6 +138,15 @@ def test_writes_after_close_raise_value_error(tmp_path):
     assert writer.closed
     with pytest.raises(ValueError, match="closed file"):
         writer.write(b"x")
+
+
+def test_non_contiguous_buffer_is_refused(tmp_path):
+    strided = memoryview(bytearray(range(100)))[::2]
+    with AioFileWriter(tmp_path / "strided.bin", **SMALL) as writer:
+        with pytest.raises(ValueError, match="C-contiguous"):
+            writer.write(strided)
+        writer.write(strided.tobytes())
+    assert (tmp_path / "strided.bin").read_bytes() == bytes(range(0, 100, 2))
 
 
 def test_file_object_protocol(tmp_path):
