@@ -146,6 +146,11 @@ class AioFileWriter(io.RawIOBase):
             self._release()
 
     @property
+    def bytes_written(self) -> int:
+        """Bytes accepted so far; after a successful ``close()``, the size of the file."""
+        return self._native.bytes_written
+
+    @property
     def checksum(self) -> int:
         """CRC-32C of every byte of the file, computed on the way to disk.
 

@@ -1,0 +1,93 @@
+"""Durable, all-or-nothing changes to the checkpoint directory: tmp + fsync + rename + fsync of the directory.
+
+A checkpoint is written into a pending directory ``.<tag>.ds_fastckpt-tmp``
+beside its final place and renamed to ``<tag>`` once its manifest is durable,
+so ``<tag>`` either does not exist or is complete. Directories being deleted
+are first renamed to ``.<tag>.ds_fastckpt-trash``. Both names mark a
+directory as ours, so an interrupted save or deletion can be cleaned up later
+without touching anything else.
+"""
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Optional
+
+PENDING_SUFFIX = ".ds_fastckpt-tmp"
+TRASH_SUFFIX = ".ds_fastckpt-trash"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def pending_path(save_dir: Path, tag: str) -> Path:
+    return save_dir / f".{tag}{PENDING_SUFFIX}"
+
+
+def trash_path(save_dir: Path, tag: str) -> Path:
+    return save_dir / f".{tag}{TRASH_SUFFIX}"
+
+
+def tag_of_internal_name(name: str) -> Optional[str]:
+    """The tag a pending or trash directory name belongs to, or None for any other name."""
+    for suffix in (PENDING_SUFFIX, TRASH_SUFFIX):
+        if name.startswith(".") and name.endswith(suffix) and len(name) > 1 + len(suffix):
+            return name[1:-len(suffix)]
+    return None
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes the entries of ``path`` (creations, renames, unlinks) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Replaces ``path`` with ``data`` so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}{PENDING_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def publish_dir(pending: Path, final: Path, fsync: bool = True) -> Optional[Path]:
+    """Renames a complete ``pending`` directory to ``final`` in one step.
+
+    When ``final`` already exists (a tag saved again) the two are exchanged
+    atomically, so ``final`` is never missing; the old directory then sits at
+    the pending name and is returned for the caller to delete.
+
+    Raises:
+        OSError: from rename/renameat2, with errno and path.
+    """
+    replaced = None
+    if os.path.lexists(final):
+        _exchange(pending, final)
+        replaced = pending
+    else:
+        os.rename(pending, final)
+    if fsync:
+        fsync_dir(final.parent)
+    return replaced
+
+
+def _exchange(first: Path, second: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{os.strerror(err)} (renameat2 RENAME_EXCHANGE with {first})", str(second))
+
+
+def is_internal_name(name: str) -> bool:
+    return tag_of_internal_name(name) is not None

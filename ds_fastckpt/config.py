@@ -1,0 +1,125 @@
+"""The ``"checkpoint"`` section of a DeepSpeed config, as ds_fastckpt reads it.
+
+```json
+"checkpoint": {"engine": "fast_aio",
+               "fast_aio": {"keep_last": 3, "keep_every": 0, "fsync": true, "verify": "size",
+                            "fd_audit": "raise", "io_buffer_size": 67108864}}
+```
+
+libaio tuning (``block_size``, ``queue_depth``) comes from DeepSpeed's own
+top-level ``"aio"`` section. Defaults live here and nowhere else.
+"""
+
+from typing import Any, Dict, Literal, Mapping
+
+from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+from pydantic import StrictBool, StrictInt, ValidationError, field_validator
+
+from .staging import DIRECT_ALIGNMENT
+
+ENGINE_KEY = "engine"
+SECTION_KEY = "fast_aio"
+FAST_AIO = "fast_aio"
+# "torch" names DeepSpeed's default engine, the same as leaving "engine" out.
+ENGINE_NAMES = (FAST_AIO, "torch")
+
+
+class ConfigError(ValueError):
+    """A ``checkpoint`` config value ds_fastckpt cannot use; the message names the key, the value and what is allowed."""
+
+
+class FastAioConfig(DeepSpeedConfigModel):
+    """Options of the ``fast_aio`` engine."""
+
+    keep_last: StrictInt = 0
+    """Complete checkpoints to keep, newest by commit order; 0 keeps all."""
+
+    keep_every: StrictInt = 0
+    """Also keep every checkpoint whose step is a multiple of this; 0 turns it off."""
+
+    fsync: StrictBool = True
+    """fsync every file, manifest, ``latest`` and directory, so a commit survives a power loss."""
+
+    verify: Literal["off", "size", "checksum"] = "size"
+    """What to check against the manifest before loading: nothing, file sizes, or sizes and CRC-32C."""
+
+    fd_audit: Literal["raise", "warn", "off"] = "raise"
+    """After each save and rotation: fail, log, or skip when descriptors still point into save_dir."""
+
+    io_buffer_size: StrictInt = 16 << 20
+    """Bytes per staging half (two halves per rank); a positive multiple of 4096."""
+
+    @field_validator("keep_last", "keep_every")
+    @classmethod
+    def _non_negative(cls, value):
+        if value < 0:
+            raise ValueError("negative")
+        return value
+
+    @field_validator("io_buffer_size")
+    @classmethod
+    def _aligned(cls, value):
+        if value <= 0 or value % DIRECT_ALIGNMENT:
+            raise ValueError("not a positive multiple of 4096")
+        return value
+
+
+_ALLOWED = {
+    "keep_last": "an integer >= 0 (0 keeps every checkpoint)",
+    "keep_every": "an integer >= 0 (0 turns it off)",
+    "fsync": "true or false",
+    "verify": "one of 'off', 'size', 'checksum'",
+    "fd_audit": "one of 'raise', 'warn', 'off'",
+    "io_buffer_size": f"a positive multiple of {DIRECT_ALIGNMENT}",
+}
+
+
+def engine_name(checkpoint_section: Mapping[str, Any]) -> str:
+    """The engine the ``checkpoint`` section asks for; ``"torch"`` when it names none.
+
+    Raises:
+        ConfigError: for a name that is not one of ``ENGINE_NAMES``.
+    """
+    name = checkpoint_section.get(ENGINE_KEY, "torch")
+    if name not in ENGINE_NAMES:
+        raise ConfigError(f"checkpoint.engine={name!r} is not allowed: use one of "
+                          f"{', '.join(repr(n) for n in ENGINE_NAMES)} (\"fast_aio\" needs 'import ds_fastckpt')")
+    return name
+
+
+def parse_fast_aio(checkpoint_section: Mapping[str, Any]) -> FastAioConfig:
+    """Validates ``checkpoint.fast_aio``.
+
+    Raises:
+        ConfigError: for an unknown key or a value that is not allowed.
+    """
+    section = checkpoint_section.get(SECTION_KEY) or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"checkpoint.fast_aio={section!r} is not allowed: it must be an object of options")
+    unknown = sorted(set(section) - set(_ALLOWED))
+    if unknown:
+        raise ConfigError(f"checkpoint.fast_aio has unknown key(s) {', '.join(map(repr, unknown))}: "
+                          f"allowed keys are {', '.join(_ALLOWED)}")
+    try:
+        return FastAioConfig(strict=True, **section)
+    except ValidationError as error:
+        key = str(error.errors()[0]["loc"][0])
+        raise ConfigError(f"checkpoint.fast_aio.{key}={section[key]!r} is not allowed: it must be {_ALLOWED[key]}") \
+            from None
+
+
+def aio_tuning(aio_section: Dict[str, Any]) -> Dict[str, int]:
+    """``block_size`` and ``queue_depth`` from DeepSpeed's parsed ``"aio"`` section, checked for O_DIRECT.
+
+    Raises:
+        ConfigError: for a block size that is not a positive multiple of 4096 or a queue depth below 1.
+    """
+    block_size = aio_section.get("block_size", 1 << 20)
+    queue_depth = aio_section.get("queue_depth", 8)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0 \
+            or block_size % DIRECT_ALIGNMENT:
+        raise ConfigError(f"aio.block_size={block_size!r} is not allowed with checkpoint engine fast_aio: "
+                          f"it must be a positive multiple of {DIRECT_ALIGNMENT}")
+    if isinstance(queue_depth, bool) or not isinstance(queue_depth, int) or queue_depth <= 0:
+        raise ConfigError(f"aio.queue_depth={queue_depth!r} is not allowed: it must be a positive integer")
+    return {"block_size": block_size, "queue_depth": queue_depth}

@@ -1,0 +1,270 @@
+"""The ``fast_aio`` checkpoint engine: DeepSpeed's engine protocol over AioFileWriter, with atomic commit."""
+
+import io
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import deepspeed
+import torch
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
+
+from . import collectives
+from .atomicity import atomic_write_bytes, fsync_dir, pending_path, publish_dir
+from .config import FastAioConfig
+from .deleter import delete_checkpoint
+from .disk_guard import ensure_space
+from .fd_audit import audit_fds
+from .integrity import check_checksum, check_size, check_sizes
+from .manifest import (MANIFEST_NAME, PENDING_MARKER_NAME, FileRecord, Manifest, read_manifest, write_manifest,
+                       write_pending_marker)
+from .preservation_policy import checkpoints_to_delete
+from .records import CheckpointRecord, newest_sequence, scan
+from .resume import LATEST_NAME, read_latest
+from .staging import StagingBuffer
+from .tags import validate_tag
+from .writer import AioFileWriter, load_op
+
+logger = logging.getLogger(__name__)
+
+ENGINE_NAME = "FastAioCheckpointEngine"
+
+
+class CommitError(RuntimeError):
+    """A save could not be committed; the previous complete checkpoint is untouched."""
+
+
+@dataclass
+class _SaveInProgress:
+    save_dir: Path
+    tag: str
+    pending: Path
+    step: Optional[int]
+    save_latest: bool
+    files: List[FileRecord] = field(default_factory=list)
+
+    def redirect(self, path) -> Optional[Path]:
+        """Where a path inside ``save_dir/tag`` is written while the save is pending, or None."""
+        final = self.save_dir / self.tag
+        try:
+            relative = Path(path).absolute().relative_to(final)
+        except ValueError:
+            return None
+        return self.pending / relative
+
+
+class FastAioCheckpointEngine(CheckpointEngine):
+    """DeepSpeed checkpoint engine writing through libaio + O_DIRECT, committing atomically, rotating safely.
+
+    Call order for one ``engine.save_checkpoint(save_dir, tag)``; every rank
+    makes every call:
+
+    1. ``create(info)``: the storage leader (rank 0, or local rank 0 of each
+       node with ``use_node_local_storage``) checks free space, cleans a
+       leftover of the same tag, and makes the pending directory
+       ``save_dir/.<tag>.ds_fastckpt-tmp``. Ends with a collective, so no rank
+       writes before it exists. Nothing visible to a loader has changed.
+    2. ``makedirs(path)`` / ``save(state_dict, path)``, any number of times:
+       paths inside ``save_dir/<tag>`` are written into the pending directory.
+       Each file is durable (fsynced) when ``save`` returns, and its size and
+       CRC-32C are recorded. Still nothing visible has changed.
+    3. ``commit(info)``: all ranks' file records are gathered (a barrier).
+       The leader fsyncs the pending directories, writes the manifest
+       atomically, renames the pending directory to ``save_dir/<tag>`` (an
+       atomic exchange when the tag existed), fsyncs ``save_dir``, writes
+       ``latest`` atomically, and rotates. From the rename on, the checkpoint
+       is complete and durable; before it, the previous one is what resumes.
+       Every rank then audits its descriptors into save_dir.
+
+    ``load(path)`` verifies the file against its manifest (size or CRC-32C, as
+    ``verify`` says) and deserializes it; it works on torch >= 2.6.
+
+    Args:
+        config_params: DeepSpeed's config object.
+        options: the validated ``checkpoint.fast_aio`` section.
+        tuning: ``block_size`` and ``queue_depth`` from DeepSpeed's ``aio`` section.
+        node_local: DeepSpeed's ``checkpoint.use_node_local_storage``.
+    """
+
+    def __init__(self, config_params, options: FastAioConfig, tuning: Dict[str, int], node_local: bool = False):
+        super().__init__(config_params)
+        self.name = ENGINE_NAME
+        self.options = options
+        self.tuning = tuning
+        self.node_local = node_local
+        self._host = socket.gethostname()
+        self._staging: Optional[StagingBuffer] = None
+        self._save: Optional[_SaveInProgress] = None
+        self._next_step: Optional[int] = None
+        self._next_save_latest = True
+        self._manifests: Dict[Path, Optional[Manifest]] = {}
+        load_op()  # build or load the op now, not in the middle of the first save
+
+    def prepare_save(self, step: Optional[int], save_latest: bool) -> None:
+        """Called by the ``save_checkpoint`` hook: the step for the manifest and whether to write ``latest``.
+
+        DeepSpeed itself writes ``latest`` with a plain ``open('w')`` after
+        ``commit``; the hook tells DeepSpeed not to and this engine writes it
+        atomically instead.
+        """
+        self._next_step = step
+        self._next_save_latest = save_latest
+
+    def is_storage_leader(self) -> bool:
+        if self.node_local:
+            return int(os.environ.get("LOCAL_RANK", "0")) == 0
+        return collectives.rank() == 0
+
+    def create(self, info: CheckpointCommitInfo):
+        tag = validate_tag(info.tag)
+        save_dir = Path(info.save_dir).absolute()
+        save = _SaveInProgress(save_dir, tag, pending_path(save_dir, tag), self._next_step, self._next_save_latest)
+        self._next_step, self._next_save_latest = None, True
+        error = None
+        if self.is_storage_leader():
+            try:
+                self._prepare_pending(save)
+            except Exception as caught:  # reported on every rank below, so none waits forever
+                error = f"{type(caught).__name__}: {caught}"
+                leader_error = caught
+        errors = [message for message in collectives.all_gather_object(error) if message]
+        if error:
+            raise leader_error
+        if errors:
+            raise CommitError(f"checkpoint {tag!r} cannot start: {errors[0]}")
+        self._save = save
+
+    def makedirs(self, path, exist_ok=False):
+        target = self._save.redirect(path) if self._save is not None else None
+        os.makedirs(target or path, exist_ok=True if target else exist_ok)
+
+    def save(self, state_dict, path: str):
+        save = self._save
+        target = save.redirect(path) if save is not None else None
+        with AioFileWriter(target or path, staging=self._staging_buffer(), fsync=self.options.fsync,
+                           **self.tuning) as writer:
+            torch.save(state_dict, writer)
+        if target is not None:
+            save.files.append(
+                FileRecord(path=target.relative_to(save.pending).as_posix(), bytes=writer.bytes_written,
+                           crc32c=writer.checksum, rank=collectives.rank(), host=self._host))
+
+    def load(self, path: str, map_location=None):
+        path = Path(path)
+        data = path.read_bytes()
+        record = self._record_for(path)
+        if record is not None and self.options.verify != "off":
+            if len(data) != record.bytes:
+                check_size(path, record)
+            if self.options.verify == "checksum":
+                check_checksum(path, record, load_op().crc32c(data))
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+
+    def commit(self, info: CheckpointCommitInfo):
+        save, self._save = self._save, None
+        if save is None:
+            return True
+        gathered = collectives.all_gather_object(save.files)
+        error = None
+        if self.is_storage_leader():
+            try:
+                self._publish(save, [record for files in gathered for record in files])
+            except Exception as caught:  # reported on every rank below, so none waits forever
+                error = f"{type(caught).__name__}: {caught}"
+                leader_error = caught
+        errors = [message for message in collectives.all_gather_object(error) if message]
+        if error:
+            raise leader_error
+        if errors:
+            raise CommitError(f"checkpoint {save.tag!r} was not committed: {errors[0]}")
+        audit_fds(save.save_dir, self.options.fd_audit, f"the save of {save.tag!r} and its rotation")
+        return True
+
+    def verify_before_load(self, tag_dir: Path) -> None:
+        """Checks sizes (and existence) of every file of a manifest-carrying tag dir, as ``verify`` says."""
+        self._manifests.pop(tag_dir, None)  # another job may have saved this tag again since
+        manifest = self._manifest_of(tag_dir)
+        if manifest is not None and self.options.verify != "off":
+            check_sizes(tag_dir, manifest)
+
+    def rotate(self, save_dir: Path, protected=()) -> List[CheckpointRecord]:
+        """Deletes what the preservation policy chooses; returns what was deleted."""
+        protected = {*protected, *filter(None, [read_latest(save_dir)])}
+        doomed = checkpoints_to_delete(scan(save_dir), self.options.keep_last, self.options.keep_every, protected)
+        for record in doomed:
+            delete_checkpoint(save_dir, record, fsync=self.options.fsync)
+        if doomed:
+            logger.info("rotation deleted %s from %s", ", ".join(record.name for record in doomed), save_dir)
+        return doomed
+
+    def _prepare_pending(self, save: _SaveInProgress) -> None:
+        save.save_dir.mkdir(parents=True, exist_ok=True)
+        records = scan(save.save_dir)
+        ensure_space(save.save_dir, records, lambda: self._free_early(save.save_dir, records))
+        stale = [record for record in records if record.name == save.pending.name]
+        for record in stale:
+            delete_checkpoint(save.save_dir, record, fsync=self.options.fsync)
+        save.pending.mkdir()
+        write_pending_marker(save.pending, save.tag, newest_sequence(records), fsync=self.options.fsync)
+        if self.options.fsync:
+            fsync_dir(save.save_dir)
+
+    def _free_early(self, save_dir: Path, records: List[CheckpointRecord]) -> int:
+        # The new checkpoint will count toward keep_last, so keep one fewer of the old ones.
+        keep = self.options.keep_last - 1 if self.options.keep_last > 1 else 0
+        protected = filter(None, [read_latest(save_dir)])
+        doomed = checkpoints_to_delete(records, keep, self.options.keep_every, protected)
+        for record in doomed:
+            delete_checkpoint(save_dir, record, fsync=self.options.fsync)
+        return len(doomed)
+
+    def _publish(self, save: _SaveInProgress, files: List[FileRecord]) -> None:
+        if self.node_local:
+            files = [record for record in files if record.host == self._host]
+        manifest = Manifest(tag=save.tag, step=save.step, sequence=newest_sequence(scan(save.save_dir)) + 1,
+                            committed_unix_ns=time.time_ns(), world_size=collectives.world_size(),
+                            deepspeed_version=deepspeed.__version__, ds_fastckpt_version=_version(),
+                            files=sorted(files, key=lambda record: record.path))
+        os.unlink(save.pending / PENDING_MARKER_NAME)
+        if self.options.fsync:
+            for directory, _, _ in os.walk(save.pending):
+                fsync_dir(Path(directory))
+        write_manifest(save.pending, manifest, fsync=self.options.fsync)
+        final = save.save_dir / save.tag
+        replaced = publish_dir(save.pending, final, fsync=self.options.fsync)
+        self._manifests.pop(final, None)
+        if replaced is not None:
+            delete_checkpoint(save.save_dir, CheckpointRecord(name=replaced.name, tag=save.tag, leftover="pending"),
+                              fsync=self.options.fsync)
+        if save.save_latest:
+            atomic_write_bytes(save.save_dir / LATEST_NAME, save.tag.encode(), fsync=self.options.fsync)
+        self.rotate(save.save_dir, protected={save.tag})
+
+    def _manifest_of(self, tag_dir: Path) -> Optional[Manifest]:
+        if tag_dir not in self._manifests:
+            self._manifests[tag_dir] = read_manifest(tag_dir)
+        return self._manifests[tag_dir]
+
+    def _record_for(self, path: Path) -> Optional[FileRecord]:
+        for tag_dir in path.absolute().parents:
+            if (tag_dir / MANIFEST_NAME).exists():
+                manifest = self._manifest_of(tag_dir)
+                relative = path.absolute().relative_to(tag_dir).as_posix()
+                return next((record for record in manifest.files if record.path == relative), None)
+        return None
+
+    def _staging_buffer(self) -> StagingBuffer:
+        if self._staging is None:
+            self._staging = StagingBuffer(self.options.io_buffer_size)
+        return self._staging
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
