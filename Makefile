@@ -5,10 +5,16 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.ds_fastckpt-installed
 LIBAIO_PROBE := printf '\043include <libaio.h>\nint main(void){io_context_t c=0;return io_setup(1,&c);}\n' | cc -x c - -laio -o /dev/null
 
-.PHONY: test bench libaio clean
+EXAMPLE_DIR ?= example_ckpts
+
+.PHONY: test example bench libaio clean
 
 test: $(INSTALLED)
 	$(PY) -m pytest tests
+
+# Trains on 2 CPU ranks with torchrun, saving through fast_aio; run it again to see it resume.
+example: $(INSTALLED)
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc_per_node 2 examples/train.py --save-dir $(EXAMPLE_DIR) --compare-default
 
 bench: $(INSTALLED)
 	$(PY) benchmarks/bench_writer.py

@@ -1,5 +1,6 @@
 """The ``fast_aio`` checkpoint engine: DeepSpeed's engine protocol over AioFileWriter, with atomic commit."""
 
+import contextlib
 import io
 import logging
 import os
@@ -12,6 +13,7 @@ from typing import Dict, List, Optional
 import deepspeed
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
+from torch.serialization import get_crc32_options, set_crc32_options
 
 from . import collectives
 from .atomicity import atomic_write_bytes, fsync_dir, pending_path, publish_dir
@@ -145,8 +147,9 @@ class FastAioCheckpointEngine(CheckpointEngine):
     def save(self, state_dict, path: str):
         save = self._save
         target = save.redirect(path) if save is not None else None
-        with AioFileWriter(target or path, staging=self._staging_buffer(), fsync=self.options.fsync,
-                           **self.tuning) as writer:
+        with _torch_zip_crc32(self.options.torch_crc32), \
+                AioFileWriter(target or path, staging=self._staging_buffer(), fsync=self.options.fsync,
+                              **self.tuning) as writer:
             torch.save(state_dict, writer)
         if target is not None:
             save.files.append(
@@ -261,6 +264,17 @@ class FastAioCheckpointEngine(CheckpointEngine):
         if self._staging is None:
             self._staging = StagingBuffer(self.options.io_buffer_size)
         return self._staging
+
+
+@contextlib.contextmanager
+def _torch_zip_crc32(enabled: bool):
+    """torch's process-wide zip CRC32 switch, set for one save and restored after it."""
+    previous = get_crc32_options()
+    set_crc32_options(enabled)
+    try:
+        yield
+    finally:
+        set_crc32_options(previous)
 
 
 def _version() -> str:

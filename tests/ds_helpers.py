@@ -1,0 +1,99 @@
+"""Small DeepSpeed jobs on CPU for the engine tests: one process here, two under torchrun."""
+
+import os
+import socket
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def single_process_env() -> None:
+    """Lets deepspeed.initialize run as a world of one in this process (gloo on CPU)."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+
+
+def make_model(seed: int, width: int = 32) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.ReLU(), torch.nn.Linear(width, 8))
+
+
+def ds_config(stage: int, fast_aio=None, engine="fast_aio", **extra):
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "checkpoint": {},
+    }
+    if engine is not None:
+        config["checkpoint"]["engine"] = engine
+    if fast_aio is not None:
+        config["checkpoint"]["fast_aio"] = fast_aio
+    config.update(extra)
+    return config
+
+
+def init_engine(stage: int = 1, fast_aio=None, seed: int = 0, engine="fast_aio", width: int = 32, **extra):
+    import deepspeed
+
+    import ds_fastckpt  # noqa: F401  (the import is the wiring)
+
+    model = make_model(seed, width)
+    ds_engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                         config=ds_config(stage, fast_aio, engine, **extra))
+    return ds_engine
+
+
+def train(engine, steps: int, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed + engine.global_steps)
+    for _ in range(steps):
+        batch = torch.randn(4, 16, generator=generator)
+        loss = engine(batch).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+
+
+def full_state(engine) -> dict:
+    """Every tensor and number of module and optimizer state, flattened, gathered under ZeRO-3."""
+    import deepspeed
+
+    flat = {}
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
+                                           enabled=engine.zero_optimization_stage() == 3):
+        for name, param in engine.module.named_parameters():
+            flat[f"module.{name}"] = param.detach().clone()
+    _flatten("optimizer", engine.optimizer.state_dict(), flat)
+    flat["global_steps"] = engine.global_steps
+    return flat
+
+
+def _flatten(prefix, value, out):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}", item, out)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _flatten(f"{prefix}.{index}", item, out)
+    elif isinstance(value, torch.Tensor):
+        out[prefix] = value.detach().clone()
+    elif isinstance(value, (int, float, str, bool)) or value is None:
+        out[prefix] = value
+
+
+def assert_same_state(expected: dict, actual: dict) -> None:
+    assert expected.keys() == actual.keys()
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, actual[key]), key
+        else:
+            assert value == actual[key], key

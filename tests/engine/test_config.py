@@ -1,0 +1,49 @@
+"""Bad checkpoint config fails inside deepspeed.initialize with the key, the value and what is allowed."""
+
+import pytest
+
+from ds_fastckpt import ConfigError
+from tests.ds_helpers import init_engine
+
+
+@pytest.mark.parametrize("fast_aio, message", [
+    ({"keep_last": -1}, "checkpoint.fast_aio.keep_last=-1 is not allowed: it must be an integer >= 0"),
+    ({"keep_every": -5}, "checkpoint.fast_aio.keep_every=-5 is not allowed"),
+    ({"keep_last": "3"}, "checkpoint.fast_aio.keep_last='3' is not allowed"),
+    ({"verify": "md5"}, "checkpoint.fast_aio.verify='md5' is not allowed: it must be one of 'off', 'size', 'checksum'"),
+    ({"fd_audit": "loud"}, "checkpoint.fast_aio.fd_audit='loud' is not allowed: it must be one of 'raise', 'warn'"),
+    ({"fsync": "yes"}, "checkpoint.fast_aio.fsync='yes' is not allowed: it must be true or false"),
+    ({"io_buffer_size": 1000}, "checkpoint.fast_aio.io_buffer_size=1000 is not allowed: it must be a positive "
+     "multiple of 4096"),
+    ({"io_buffer_size": 0}, "checkpoint.fast_aio.io_buffer_size=0 is not allowed"),
+    ({"keep_lst": 3}, "checkpoint.fast_aio has unknown key\\(s\\) 'keep_lst': allowed keys are keep_last"),
+    ([1, 2], "checkpoint.fast_aio=\\[1, 2\\] is not allowed: it must be an object"),
+])
+def test_bad_fast_aio_values(fast_aio, message):
+    with pytest.raises(ConfigError, match=message):
+        init_engine(1, fast_aio)
+
+
+def test_unknown_engine_name():
+    with pytest.raises(ConfigError, match="checkpoint.engine='fastaio' is not allowed: use one of 'fast_aio', 'torch'"):
+        init_engine(1, {}, engine="fastaio")
+
+
+def test_fast_aio_with_deepspeed_writer_is_refused():
+    with pytest.raises(ConfigError, match="checkpoint.writer selects DeepSpeed's own FastCheckpointEngine"):
+        init_engine(1, {}, checkpoint={"engine": "fast_aio", "writer": {"type": "fast"}})
+
+
+@pytest.mark.parametrize("aio, message", [
+    ({"block_size": 1000}, "aio.block_size=1000 is not allowed with checkpoint engine fast_aio"),
+    ({"queue_depth": 0}, "aio.queue_depth=0 is not allowed: it must be a positive integer"),
+])
+def test_bad_aio_tuning(aio, message):
+    with pytest.raises(ConfigError, match=message):
+        init_engine(1, {}, aio=aio)
+
+
+def test_aio_section_tunes_the_writer():
+    engine = init_engine(1, {"io_buffer_size": 1 << 20}, aio={"block_size": 262144, "queue_depth": 4})
+    assert engine.checkpoint_engine.tuning == {"block_size": 262144, "queue_depth": 4}
+    assert engine.checkpoint_engine.options.io_buffer_size == 1 << 20

@@ -1,0 +1,100 @@
+"""Rotation keeps the newest keep_last complete checkpoints by commit order and touches nothing else."""
+
+import os
+
+from ds_fastckpt import deleted_fds_under, open_fds_under
+from tests.ds_helpers import init_engine, train
+
+SCRIPTS = ["zero_to_fp32.py", "zero_to_torch.py"]
+
+
+def checkpoint_dirs(save_dir):
+    return sorted(p.name for p in save_dir.iterdir() if p.is_dir() and not p.name.startswith("unrelated"))
+
+
+def test_keep_last_2_over_10_saves_keeps_the_2_newest(tmp_path):
+    (tmp_path / "unrelated_dir").mkdir()
+    (tmp_path / "unrelated_dir" / "notes.txt").write_text("mine")
+    (tmp_path / "unrelated.txt").write_text("also mine")
+    engine = init_engine(1, {"keep_last": 2})
+    for _ in range(10):
+        train(engine, 1)
+        engine.save_checkpoint(tmp_path)
+    assert checkpoint_dirs(tmp_path) == ["global_step10", "global_step9"]
+    assert (tmp_path / "unrelated_dir" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "unrelated.txt").read_text() == "also mine"
+    assert all((tmp_path / script).is_file() for script in SCRIPTS)
+    assert (tmp_path / "latest").read_text() == "global_step10"
+
+
+def test_keep_every_keeps_milestones(tmp_path):
+    engine = init_engine(1, {"keep_last": 2, "keep_every": 4})
+    for _ in range(10):
+        train(engine, 1)
+        engine.save_checkpoint(tmp_path)
+    assert checkpoint_dirs(tmp_path) == ["global_step10", "global_step4", "global_step8", "global_step9"]
+
+
+def test_order_is_by_commit_not_by_tag_name(tmp_path):
+    engine = init_engine(1, {"keep_last": 2})
+    for tag in ["b", "a", "c9", "c10"]:
+        train(engine, 1)
+        engine.save_checkpoint(tmp_path, tag=tag)
+    assert checkpoint_dirs(tmp_path) == ["c10", "c9"]
+    train(engine, 1)
+    engine.save_checkpoint(tmp_path, tag="a")
+    assert checkpoint_dirs(tmp_path) == ["a", "c10"]
+
+
+def test_keep_last_1_keeps_the_new_one_and_what_latest_names(tmp_path):
+    engine = init_engine(1, {"keep_last": 1})
+    train(engine, 1)
+    engine.save_checkpoint(tmp_path, tag="first")
+    train(engine, 1)
+    engine.save_checkpoint(tmp_path, tag="second", save_latest=False)
+    assert (tmp_path / "latest").read_text() == "first"
+    assert checkpoint_dirs(tmp_path) == ["first", "second"]
+    train(engine, 1)
+    engine.save_checkpoint(tmp_path, tag="third")
+    assert checkpoint_dirs(tmp_path) == ["third"]
+
+
+def test_leftovers_do_not_count_and_are_cleaned_after_a_newer_commit(tmp_path):
+    engine = init_engine(1, {"keep_last": 2})
+    train(engine, 1)
+    engine.save_checkpoint(tmp_path)
+    leftover = tmp_path / ".global_step99.ds_fastckpt-tmp"
+    leftover.mkdir()
+    (leftover / ".ds_fastckpt_pending.json").write_text('{"format": 1, "tag": "global_step99", "after_sequence": 1}')
+    (leftover / "half_written.pt").write_bytes(b"x" * 100)
+    assert engine.load_checkpoint(tmp_path)[0].endswith("global_step1/mp_rank_00_model_states.pt")
+    train(engine, 1)
+    engine.save_checkpoint(tmp_path)
+    assert not leftover.exists()
+    assert checkpoint_dirs(tmp_path) == ["global_step1", "global_step2"]
+
+
+def test_symlinked_tag_dir_is_never_followed(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "ds_fastckpt_manifest.json").write_text("{}")
+    (outside / "sentinel").write_text("keep me")
+    save_dir = tmp_path / "ckpts"
+    save_dir.mkdir()
+    os.symlink(outside, save_dir / "global_step0")
+    engine = init_engine(1, {"keep_last": 1})
+    for _ in range(3):
+        train(engine, 1)
+        engine.save_checkpoint(save_dir)
+    assert (outside / "sentinel").read_text() == "keep me"
+    assert os.path.islink(save_dir / "global_step0")
+
+
+def test_fifty_save_rotate_cycles_leave_no_fd(tmp_path):
+    engine = init_engine(1, {"keep_last": 2, "fd_audit": "raise"})
+    for _ in range(50):
+        train(engine, 1)
+        engine.save_checkpoint(tmp_path)
+        assert deleted_fds_under(tmp_path) == []
+    assert open_fds_under(tmp_path) == []
+    assert checkpoint_dirs(tmp_path) == ["global_step49", "global_step50"]

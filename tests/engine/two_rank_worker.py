@@ -1,0 +1,83 @@
+"""Run under torchrun with 2 ranks: saves, loads and rotates, then writes what each rank observed as JSON.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/engine/two_rank_worker.py OUT_DIR
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from ds_fastckpt import deleted_fds_under, open_fds_under
+from tests.ds_helpers import full_state, init_engine, train
+
+
+def same_state(expected, actual) -> bool:
+    import torch
+
+    if expected.keys() != actual.keys():
+        return False
+    return all(
+        torch.equal(value, actual[key]) if isinstance(value, torch.Tensor) else value == actual[key]
+        for key, value in expected.items())
+
+
+def round_trips(save_root: Path) -> dict:
+    results = {}
+    for stage in (0, 1, 2, 3):
+        save_dir = save_root / f"stage{stage}"
+        saver = init_engine(stage, {"keep_last": 2}, seed=0)
+        train(saver, 3)
+        saver.save_checkpoint(save_dir)
+        saved = full_state(saver)
+        loader = init_engine(stage, {"keep_last": 2, "verify": "checksum"}, seed=7)
+        differed = not same_state(saved, full_state(loader))
+        load_path, _ = loader.load_checkpoint(save_dir)
+        results[stage] = {"differed_before": differed, "equal_after": same_state(saved, full_state(loader)),
+                          "load_path": load_path}
+    return results
+
+
+def rotation(save_dir: Path, rank: int) -> dict:
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / "unrelated.txt").write_text("mine")
+    engine = init_engine(2, {"keep_last": 2, "keep_every": 20, "fd_audit": "raise"})
+    deleted_seen = 0
+    for _ in range(50):
+        train(engine, 1)
+        engine.save_checkpoint(save_dir)
+        deleted_seen += len(deleted_fds_under(save_dir))
+    return {
+        "dirs": sorted(p.name for p in save_dir.iterdir() if p.is_dir()),
+        "unrelated": (save_dir / "unrelated.txt").read_text(),
+        "latest": (save_dir / "latest").read_text(),
+        "open_fds": [entry.target for entry in open_fds_under(save_dir)],
+        "deleted_fds_seen": deleted_seen,
+        "files_in_newest": sorted(p.name for p in (save_dir / "global_step50").iterdir()),
+    }
+
+
+def resume_without_latest(save_dir: Path, rank: int) -> dict:
+    import torch.distributed as dist
+
+    dist.barrier()
+    if rank == 0:
+        (save_dir / "latest").unlink()
+    dist.barrier()
+    engine = init_engine(2, {"keep_last": 2}, seed=3)
+    load_path, _ = engine.load_checkpoint(save_dir)
+    return {"load_path": load_path, "global_steps": engine.global_steps}
+
+
+def main():
+    out = Path(sys.argv[1])
+    rank = int(os.environ["RANK"])
+    report = {"rank": rank, "round_trips": round_trips(out / "round_trips")}
+    report["rotation"] = rotation(out / "rotation", rank)
+    report["resume"] = resume_without_latest(out / "rotation", rank)
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
