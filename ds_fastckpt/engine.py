@@ -126,18 +126,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         save_dir = Path(info.save_dir).absolute()
         save = _SaveInProgress(save_dir, tag, pending_path(save_dir, tag), self._next_step, self._next_save_latest)
         self._next_step, self._next_save_latest = None, True
-        error = None
-        if self.is_storage_leader():
-            try:
-                self._prepare_pending(save)
-            except Exception as caught:  # reported on every rank below, so none waits forever
-                error = f"{type(caught).__name__}: {caught}"
-                leader_error = caught
-        errors = [message for message in collectives.all_gather_object(error) if message]
-        if error:
-            raise leader_error
-        if errors:
-            raise CommitError(f"checkpoint {tag!r} cannot start: {errors[0]}")
+        self._on_leader(lambda: self._prepare_pending(save), f"checkpoint {tag!r} cannot start")
         self._save = save
 
     def makedirs(self, path, exist_ok=False):
@@ -172,18 +161,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
         if save is None:
             return True
         gathered = collectives.all_gather_object(save.files)
-        error = None
-        if self.is_storage_leader():
-            try:
-                self._publish(save, [record for files in gathered for record in files])
-            except Exception as caught:  # reported on every rank below, so none waits forever
-                error = f"{type(caught).__name__}: {caught}"
-                leader_error = caught
-        errors = [message for message in collectives.all_gather_object(error) if message]
-        if error:
-            raise leader_error
-        if errors:
-            raise CommitError(f"checkpoint {save.tag!r} was not committed: {errors[0]}")
+        files = [record for rank_files in gathered for record in rank_files]
+        self._on_leader(lambda: self._publish(save, files), f"checkpoint {save.tag!r} was not committed")
         audit_fds(save.save_dir, self.options.fd_audit, f"the save of {save.tag!r} and its rotation")
         return True
 
@@ -203,6 +182,21 @@ class FastAioCheckpointEngine(CheckpointEngine):
         if doomed:
             logger.info("rotation deleted %s from %s", ", ".join(record.name for record in doomed), save_dir)
         return doomed
+
+    def _on_leader(self, action, failure: str) -> None:
+        """Runs ``action`` on the storage leader; if it fails, every rank raises instead of waiting forever."""
+        error = None
+        if self.is_storage_leader():
+            try:
+                action()
+            except Exception as caught:  # re-raised below, after every rank has heard of it
+                error = caught
+        report = None if error is None else f"{type(error).__name__}: {error}"
+        reports = [message for message in collectives.all_gather_object(report) if message]
+        if error is not None:
+            raise error
+        if reports:
+            raise CommitError(f"{failure}: {reports[0]}")
 
     def _prepare_pending(self, save: _SaveInProgress) -> None:
         save.save_dir.mkdir(parents=True, exist_ok=True)

@@ -72,19 +72,26 @@ def _hook_create(original):
     return _mark(create_checkpoint_engine)
 
 
+def _bind_if_ours(signature, self, args, kwargs):
+    """The call's arguments, defaults applied, when ``self`` uses our engine; None otherwise."""
+    if not isinstance(getattr(self, "checkpoint_engine", None), FastAioCheckpointEngine):
+        return None
+    bound = signature.bind(self, *args, **kwargs)
+    bound.apply_defaults()
+    return bound
+
+
 def _hook_save(original):
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def save_checkpoint(self, *args, **kwargs):
-        checkpoint_engine = getattr(self, "checkpoint_engine", None)
-        if not isinstance(checkpoint_engine, FastAioCheckpointEngine):
+        bound = _bind_if_ours(signature, self, args, kwargs)
+        if bound is None:
             return original(self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
         tag = bound.arguments["tag"]
         validate_tag(f"global_step{self.global_steps}" if tag is None else tag)
-        checkpoint_engine.prepare_save(step=self.global_steps, save_latest=bound.arguments["save_latest"])
+        self.checkpoint_engine.prepare_save(step=self.global_steps, save_latest=bound.arguments["save_latest"])
         bound.arguments["save_latest"] = False  # the engine writes it, atomically, in commit()
         return original(*bound.args, **bound.kwargs)
 
@@ -96,11 +103,9 @@ def _hook_load(original):
 
     @functools.wraps(original)
     def load_checkpoint(self, *args, **kwargs):
-        checkpoint_engine = getattr(self, "checkpoint_engine", None)
-        if not isinstance(checkpoint_engine, FastAioCheckpointEngine):
+        bound = _bind_if_ours(signature, self, args, kwargs)
+        if bound is None:
             return original(self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
         load_dir = Path(bound.arguments["load_dir"])
         tag = bound.arguments["tag"]
         if tag is None:
@@ -109,7 +114,7 @@ def _hook_load(original):
                 logger.warning("nothing to resume: %s", reason)
                 return None, None
             bound.arguments["tag"] = tag
-        checkpoint_engine.verify_before_load(load_dir.absolute() / validate_tag(tag))
+        self.checkpoint_engine.verify_before_load(load_dir.absolute() / validate_tag(tag))
         return original(*bound.args, **bound.kwargs)
 
     return _mark(load_checkpoint)
