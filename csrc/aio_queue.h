@@ -27,7 +27,8 @@ namespace ds_fastckpt {
 // Chunks carry a tag (the staging half they come from) so a caller can wait
 // for one half while the other keeps the disk busy. The memory behind every
 // enqueued chunk must stay valid until drain() of its tag returns or the
-// queue is destroyed; the destructor waits for in-flight requests.
+// queue is destroyed; the destructor waits for in-flight requests. The libaio
+// context is reused by the next queue of the same depth.
 class AioQueue {
  public:
   AioQueue(int fd, std::string path, unsigned depth);
@@ -83,6 +84,7 @@ class AioQueue {
   std::deque<Chunk> queued_;
   unsigned in_flight_ = 0;
   bool stopping_ = false;
+  bool context_reusable_ = true;  // false once completions may have been lost
   std::uint32_t checksum_ = 0;
   int error_ = 0;
   const char* error_op_ = nullptr;
