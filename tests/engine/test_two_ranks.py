@@ -58,3 +58,23 @@ def test_manifest_lists_both_ranks_files(reports):
     manifest = json.loads((reports[1] / "rotation" / "global_step50" / "ds_fastckpt_manifest.json").read_text())
     assert manifest["world_size"] == 2
     assert {record["rank"] for record in manifest["files"]} == {0, 1}
+
+
+@pytest.mark.parametrize("case", ["empty", "stale", "incomplete"])
+def test_resume_with_broken_latest_on_both_ranks(reports, case):
+    for report in reports[0]:
+        assert "global_step50" in report["broken_latest"][case]["load_path"]
+        assert report["broken_latest"][case]["global_steps"] == 50
+
+
+def test_keep_last_one_keeps_what_latest_names_on_two_ranks(reports):
+    result = reports[0][0]["keep_last_one"]
+    assert result["after_second"] == ["first", "second"]
+    assert result["after_third"] == ["third"]
+
+
+def test_injected_leak_is_caught_on_every_rank(reports):
+    for report in reports[0]:
+        leak = report["injected_leak"]
+        assert leak["leaked"] >= 1
+        assert leak["message"] and "file descriptors still open into" in leak["message"]

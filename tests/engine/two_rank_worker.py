@@ -70,12 +70,73 @@ def resume_without_latest(save_dir: Path, rank: int) -> dict:
     return {"load_path": load_path, "global_steps": engine.global_steps}
 
 
+def broken_latest(save_dir: Path, rank: int) -> dict:
+    """Resume when `latest` is empty, stale, or names an unfinished tag; every rank must agree."""
+    import torch.distributed as dist
+
+    seen = {}
+    for case, text in (("empty", ""), ("stale", "global_step20"), ("incomplete", "global_step51")):
+        dist.barrier()
+        if rank == 0:
+            (save_dir / "global_step51").mkdir(exist_ok=True)
+            (save_dir / "latest").write_text(text)
+        dist.barrier()
+        engine = init_engine(2, {"keep_last": 2}, seed=3)
+        load_path, _ = engine.load_checkpoint(save_dir)
+        seen[case] = {"load_path": load_path, "global_steps": engine.global_steps}
+    return seen
+
+
+def keep_last_one(save_dir: Path) -> dict:
+    engine = init_engine(1, {"keep_last": 1})
+    train(engine, 1)
+    engine.save_checkpoint(save_dir, tag="first")
+    train(engine, 1)
+    engine.save_checkpoint(save_dir, tag="second", save_latest=False)
+    after_second = sorted(p.name for p in save_dir.iterdir() if p.is_dir())
+    train(engine, 1)
+    engine.save_checkpoint(save_dir, tag="third")
+    return {"after_second": after_second, "after_third": sorted(p.name for p in save_dir.iterdir() if p.is_dir())}
+
+
+def injected_leak(save_dir: Path) -> dict:
+    """A writer that keeps an extra descriptor per file, as FastFileWriter did before DeepSpeed 0.19.1."""
+    import ds_fastckpt.engine
+    from ds_fastckpt import AioFileWriter, FdLeakError
+
+    leaked = []
+
+    class LeakyWriter(AioFileWriter):
+
+        def __init__(self, path, **kwargs):
+            super().__init__(path, **kwargs)
+            leaked.append(os.open(path, os.O_RDONLY))
+
+    original = ds_fastckpt.engine.AioFileWriter
+    ds_fastckpt.engine.AioFileWriter = LeakyWriter
+    engine = init_engine(1, {"keep_last": 1, "fd_audit": "raise"})
+    train(engine, 1)
+    try:
+        engine.save_checkpoint(save_dir)
+        message = None
+    except FdLeakError as error:
+        message = str(error)
+    finally:
+        ds_fastckpt.engine.AioFileWriter = original
+        for fd in leaked:
+            os.close(fd)
+    return {"leaked": len(leaked), "message": message}
+
+
 def main():
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
     report = {"rank": rank, "round_trips": round_trips(out / "round_trips")}
     report["rotation"] = rotation(out / "rotation", rank)
     report["resume"] = resume_without_latest(out / "rotation", rank)
+    report["broken_latest"] = broken_latest(out / "rotation", rank)
+    report["keep_last_one"] = keep_last_one(out / "keep_last_one")
+    report["injected_leak"] = injected_leak(out / "leak")
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
