@@ -1,14 +1,16 @@
 """ds_fastckpt: fast, durable, leak-proof checkpointing for DeepSpeed.
 
 Importing the package hooks DeepSpeed so that ``"checkpoint": {"engine": "fast_aio"}``
-in a ds_config selects ``FastAioCheckpointEngine``.
+in a ds_config selects ``FastAioCheckpointEngine``. ``wait(engine)`` commits an
+async checkpoint still in flight.
 """
 
 from . import registration
 from .config import ConfigError, FastAioConfig
 from .deleter import UnsafeDeletionError
 from .disk_guard import InsufficientSpaceError
-from .engine import CommitError, FastAioCheckpointEngine
+from .background import BackgroundWriterError
+from .engine import CommitError, FastAioCheckpointEngine, wait
 from .fd_accounting import OpenFd, OpFdCounters, deleted_fds_under, open_fds, open_fds_under, op_fd_counters
 from .fd_audit import FdLeakError
 from .integrity import CheckpointIntegrityError
@@ -24,6 +26,7 @@ registration.install()
 
 __all__ = [
     "AioFileWriter",
+    "BackgroundWriterError",
     "CheckpointIntegrityError",
     "CommitError",
     "ConfigError",
@@ -42,4 +45,5 @@ __all__ = [
     "op_fd_counters",
     "open_fds",
     "open_fds_under",
+    "wait",
 ]

@@ -10,10 +10,10 @@ libaio tuning (``block_size``, ``queue_depth``) comes from DeepSpeed's own
 top-level ``"aio"`` section. Defaults live here and nowhere else.
 """
 
-from typing import Any, Dict, Literal, Mapping
+from typing import Any, Dict, Literal, Mapping, Union
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-from pydantic import StrictBool, StrictInt, ValidationError, field_validator
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator
 
 from .staging import DIRECT_ALIGNMENT
 
@@ -54,6 +54,25 @@ class FastAioConfig(DeepSpeedConfigModel):
     flipped bit loads silently), it costs about 0.5 s per GiB on the saving thread, and the manifest's
     CRC-32C already covers every byte. Turn it on for tools that unzip checkpoints and check CRCs."""
 
+    async_save: StrictBool = Field(False, alias="async")
+    """Write in the background: ``save_checkpoint`` returns at once; the commit happens at the next
+    optimizer step (DeepSpeed's decoupled-engine protocol), ``engine.destroy()``, ``ds_fastckpt.wait(engine)``
+    or interpreter exit, whichever comes first."""
+
+    snapshot: StrictBool = False
+    """With ``async``: serialize the state into host memory before ``save_checkpoint`` returns, for loops that
+    change tensors between saving and the next optimizer step. Costs a full host copy."""
+
+    async_timeout_s: Union[StrictInt, StrictFloat] = 1800
+    """With ``async``: how long a commit waits for the background writer before failing."""
+
+    @field_validator("async_timeout_s")
+    @classmethod
+    def _positive(cls, value):
+        if value <= 0:
+            raise ValueError("not positive")
+        return value
+
     @field_validator("keep_last", "keep_every")
     @classmethod
     def _non_negative(cls, value):
@@ -77,6 +96,9 @@ _ALLOWED = {
     "fd_audit": "one of 'raise', 'warn', 'off'",
     "io_buffer_size": f"a positive multiple of {DIRECT_ALIGNMENT}",
     "torch_crc32": "true or false",
+    "async": "true or false",
+    "snapshot": "true or false",
+    "async_timeout_s": "a number of seconds > 0",
 }
 
 

@@ -25,12 +25,30 @@ class UnsafeDeletionError(RuntimeError):
     """Refused to delete a path that is not one of our checkpoint directories inside save_dir."""
 
 
-def delete_checkpoint(save_dir, record: CheckpointRecord, fsync: bool = True) -> None:
-    """Deletes ``record``'s directory from ``save_dir``.
+def delete_checkpoint(save_dir, record: CheckpointRecord) -> None:
+    """Deletes ``record``'s directory from ``save_dir``: ``retire`` then ``remove_retired``.
 
     Raises:
         UnsafeDeletionError: if the directory is outside save_dir, a symlink, or not ours.
         OSError: from rename or unlink, with errno and path.
+    """
+    trash = retire(save_dir, record)
+    fsync_dir(Path(save_dir))
+    remove_retired(trash)
+
+
+def retire(save_dir, record: CheckpointRecord) -> Path:
+    """Checks that ``record``'s directory may be deleted and renames it to its trash name; returns that path.
+
+    After this the checkpoint no longer counts as complete. fsync save_dir
+    before removing files, so no unlink can reach the disk before the rename
+    does on filesystems that do not order them. Removing the files
+    can take long (unlinking 100 MB took 95 ms here), so it is a separate step
+    the caller may run later or on another thread.
+
+    Raises:
+        UnsafeDeletionError: if the directory is outside save_dir, a symlink, or not ours.
+        OSError: from rename, with errno and path.
     """
     save_dir = Path(save_dir)
     name = record.name
@@ -43,16 +61,19 @@ def delete_checkpoint(save_dir, record: CheckpointRecord, fsync: bool = True) ->
     internal = tag_of_internal_name(name) is not None
     if not internal and not stat.S_ISREG(_lstat_mode(target / MANIFEST_NAME)):
         raise UnsafeDeletionError(f"refusing to delete {target}: it has no ds_fastckpt manifest")
-    if not name.endswith(TRASH_SUFFIX):
-        trash = trash_path(save_dir, record.tag)
-        if os.path.lexists(trash):
-            shutil.rmtree(trash)
-        os.rename(target, trash)
-        if fsync:
-            fsync_dir(save_dir)
-        target = trash
-    shutil.rmtree(target)
-    logger.info("deleted checkpoint directory %s", save_dir / name)
+    if name.endswith(TRASH_SUFFIX):
+        return target
+    trash = trash_path(save_dir, record.tag)
+    if os.path.lexists(trash):
+        shutil.rmtree(trash)
+    os.rename(target, trash)
+    return trash
+
+
+def remove_retired(trash: Path) -> None:
+    """Removes a retired directory; symlinks inside are unlinked, never followed."""
+    shutil.rmtree(trash)
+    logger.info("deleted checkpoint directory %s", trash)
 
 
 def _lstat_mode(path: Path) -> int:

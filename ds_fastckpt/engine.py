@@ -1,11 +1,13 @@
 """The ``fast_aio`` checkpoint engine: DeepSpeed's engine protocol over AioFileWriter, with atomic commit."""
 
+import atexit
 import contextlib
 import io
 import logging
 import os
 import socket
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -16,9 +18,10 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointComm
 from torch.serialization import get_crc32_options, set_crc32_options
 
 from . import collectives
+from .background import BackgroundWriter, snapshot, wait_for
 from .atomicity import atomic_write_bytes, fsync_dir, pending_path, publish_dir
 from .config import FastAioConfig
-from .deleter import delete_checkpoint
+from .deleter import delete_checkpoint, remove_retired, retire
 from .disk_guard import ensure_space
 from .fd_audit import audit_fds
 from .integrity import check_checksum, check_size, check_sizes
@@ -48,6 +51,8 @@ class _SaveInProgress:
     step: Optional[int]
     save_latest: bool
     files: List[FileRecord] = field(default_factory=list)
+    pending_writes: list = field(default_factory=list)  # Futures of FileRecord or None, async mode only
+    failed: Optional[BaseException] = None  # a synchronous write that raised: never committed
 
     def redirect(self, path) -> Optional[Path]:
         """Where a path inside ``save_dir/tag`` is written while the save is pending, or None."""
@@ -82,6 +87,15 @@ class FastAioCheckpointEngine(CheckpointEngine):
        is complete and durable; before it, the previous one is what resumes.
        Every rank then audits its descriptors into save_dir.
 
+    With ``"async": true`` the engine is decoupled (``is_decoupled()``):
+    ``save`` queues the file for the ``ds_fastckpt-writer`` thread and returns,
+    so nothing is durable when ``save_checkpoint`` returns. DeepSpeed calls
+    ``get_commit_info`` and ``commit`` at the next gradient-accumulation
+    boundary, before the optimizer step changes any tensor; ``commit`` waits
+    for the writes and then does step 3 exactly as above. A second
+    ``save_checkpoint`` first commits the one in flight; ``cleanup`` (from
+    ``engine.destroy()``), ``wait()`` and interpreter exit commit it too.
+
     ``load(path)`` verifies the file against its manifest (size or CRC-32C, as
     ``verify`` says) and deserializes it; it works on torch >= 2.6.
 
@@ -104,6 +118,11 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._next_step: Optional[int] = None
         self._next_save_latest = True
         self._manifests: Dict[Path, Optional[Manifest]] = {}
+        self._background: Optional[BackgroundWriter] = None
+        self._removals: list = []  # (trash path, Future) of removals running on the background writer
+        if options.async_save:
+            self._background = BackgroundWriter()
+            _commit_at_exit(self)
         load_op()  # build or load the op now, not in the middle of the first save
 
     def prepare_save(self, step: Optional[int], save_latest: bool) -> None:
@@ -121,7 +140,34 @@ class FastAioCheckpointEngine(CheckpointEngine):
             return int(os.environ.get("LOCAL_RANK", "0")) == 0
         return collectives.rank() == 0
 
+    def is_decoupled(self):
+        return self.options.async_save
+
+    def get_commit_info(self):
+        save = self._save
+        if save is None:
+            return None
+        # save_latest=False: DeepSpeed would write `latest` with a plain open(); commit() writes it atomically.
+        return CheckpointCommitInfo(tag=save.tag, save_dir=str(save.save_dir), save_latest=False)
+
+    def wait(self) -> None:
+        """Finishes and commits the checkpoint in flight, if any. Every rank must call it."""
+        if self._save is not None:
+            self.commit(self.get_commit_info())
+
+    def cleanup(self):
+        self.wait()
+        self._finish_removals()
+        if self._background is not None:
+            self._background.shutdown()
+            self._background = None
+
     def create(self, info: CheckpointCommitInfo):
+        if self._save is not None and self._save.failed is not None:
+            logger.warning("checkpoint %r failed while saving (%s) and was not committed; its pending directory "
+                           "is removed by a later rotation", self._save.tag, self._save.failed)
+            self._save = None
+        self.wait()  # at most one checkpoint in flight
         tag = validate_tag(info.tag)
         save_dir = Path(info.save_dir).absolute()
         save = _SaveInProgress(save_dir, tag, pending_path(save_dir, tag), self._next_step, self._next_save_latest)
@@ -136,14 +182,34 @@ class FastAioCheckpointEngine(CheckpointEngine):
     def save(self, state_dict, path: str):
         save = self._save
         target = save.redirect(path) if save is not None else None
+        if self._background is None or save is None:
+            try:
+                record = self._write_file(state_dict, Path(target or path), save)
+            except BaseException as error:
+                if save is not None:
+                    save.failed = error
+                raise
+            if record is not None:
+                save.files.append(record)
+            return
+        if self.options.snapshot:
+            with _torch_zip_crc32(self.options.torch_crc32):
+                state_dict = snapshot(state_dict)
+        save.pending_writes.append(self._background.submit(self._write_file, state_dict, Path(target or path), save))
+
+    def _write_file(self, payload, path: Path, save: Optional[_SaveInProgress]) -> Optional[FileRecord]:
+        """Writes one file durably: a state dict through torch.save, or bytes serialized earlier."""
         with _torch_zip_crc32(self.options.torch_crc32), \
-                AioFileWriter(target or path, staging=self._staging_buffer(), fsync=self.options.fsync,
+                AioFileWriter(path, staging=self._staging_buffer(), fsync=self.options.fsync,
                               **self.tuning) as writer:
-            torch.save(state_dict, writer)
-        if target is not None:
-            save.files.append(
-                FileRecord(path=target.relative_to(save.pending).as_posix(), bytes=writer.bytes_written,
-                           crc32c=writer.checksum, rank=collectives.rank(), host=self._host))
+            if isinstance(payload, bytes):
+                writer.write(payload)
+            else:
+                torch.save(payload, writer)
+        if save is None or not path.is_relative_to(save.pending):
+            return None
+        return FileRecord(path=path.relative_to(save.pending).as_posix(), bytes=writer.bytes_written,
+                          crc32c=writer.checksum, rank=collectives.rank(), host=self._host)
 
     def load(self, path: str, map_location=None):
         path = Path(path)
@@ -160,10 +226,20 @@ class FastAioCheckpointEngine(CheckpointEngine):
         save, self._save = self._save, None
         if save is None:
             return True
-        gathered = collectives.all_gather_object(save.files)
-        files = [record for rank_files in gathered for record in rank_files]
+        written, failure = wait_for(save.pending_writes, self.options.async_timeout_s, f"checkpoint {save.tag!r}")
+        failure = save.failed or failure
+        mine = save.files + [record for record in written if record is not None]
+        report = None if failure is None else f"rank {collectives.rank()}: {type(failure).__name__}: {failure}"
+        gathered = collectives.all_gather_object((mine, report))
+        if failure is not None:
+            raise failure
+        reports = [rank_report for _, rank_report in gathered if rank_report]
+        if reports:
+            raise CommitError(f"checkpoint {save.tag!r} was not committed: {reports[0]}")
+        files = [record for rank_files, _ in gathered for record in rank_files]
         self._on_leader(lambda: self._publish(save, files), f"checkpoint {save.tag!r} was not committed")
-        audit_fds(save.save_dir, self.options.fd_audit, f"the save of {save.tag!r} and its rotation")
+        audit_fds(save.save_dir, self.options.fd_audit, f"the save of {save.tag!r} and its rotation",
+                  removing=[trash for trash, future in self._removals if not future.done()])
         return True
 
     def verify_before_load(self, tag_dir: Path) -> None:
@@ -174,11 +250,23 @@ class FastAioCheckpointEngine(CheckpointEngine):
             check_sizes(tag_dir, manifest)
 
     def rotate(self, save_dir: Path, protected=()) -> List[CheckpointRecord]:
-        """Deletes what the preservation policy chooses; returns what was deleted."""
+        """Deletes what the preservation policy chooses; returns what was deleted.
+
+        Chosen directories are retired (renamed to their trash name) at once.
+        In async mode their files are then removed on the background writer,
+        off the training thread; otherwise here.
+        """
         protected = {*protected, *filter(None, [read_latest(save_dir)])}
-        doomed = checkpoints_to_delete(scan(save_dir), self.options.keep_last, self.options.keep_every, protected)
-        for record in doomed:
-            delete_checkpoint(save_dir, record, fsync=self.options.fsync)
+        doomed = checkpoints_to_delete(self._scan_settled(save_dir), self.options.keep_last, self.options.keep_every,
+                                       protected)
+        retired = [retire(save_dir, record) for record in doomed]
+        if retired:
+            fsync_dir(save_dir)
+        for trash in retired:
+            if self._background is None:
+                remove_retired(trash)
+            else:
+                self._removals.append((trash, self._background.submit(remove_retired, trash)))
         if doomed:
             logger.info("rotation deleted %s from %s", ", ".join(record.name for record in doomed), save_dir)
         return doomed
@@ -198,25 +286,38 @@ class FastAioCheckpointEngine(CheckpointEngine):
         if reports:
             raise CommitError(f"{failure}: {reports[0]}")
 
+    def _scan_settled(self, save_dir: Path) -> List[CheckpointRecord]:
+        """``scan`` without the retired directories the background writer is still removing."""
+        removing = {trash.name for trash, future in self._removals if not future.done()}
+        return [record for record in scan(save_dir) if record.name not in removing]
+
+    def _finish_removals(self) -> None:
+        """Waits for background trash removals, so free space and leftovers are what they seem."""
+        removals, self._removals = self._removals, []
+        _, failure = wait_for([future for _, future in removals], self.options.async_timeout_s,
+                              "removing rotated checkpoints")
+        if failure is not None:
+            logger.warning("a rotated checkpoint could not be removed (%s); the next rotation retries it", failure)
+
     def _prepare_pending(self, save: _SaveInProgress) -> None:
         save.save_dir.mkdir(parents=True, exist_ok=True)
-        records = scan(save.save_dir)
-        ensure_space(save.save_dir, records, lambda: self._free_early(save.save_dir, records))
+        records = self._scan_settled(save.save_dir)
+        ensure_space(save.save_dir, records, lambda: self._free_early(save.save_dir))
         stale = [record for record in records if record.name == save.pending.name]
         for record in stale:
-            delete_checkpoint(save.save_dir, record, fsync=self.options.fsync)
+            delete_checkpoint(save.save_dir, record)
         save.pending.mkdir()
-        write_pending_marker(save.pending, save.tag, newest_sequence(records), fsync=self.options.fsync)
-        if self.options.fsync:
-            fsync_dir(save.save_dir)
+        # Not fsynced: if a crash loses the pending directory or its marker, no checkpoint is lost.
+        write_pending_marker(save.pending, save.tag, newest_sequence(records), fsync=False)
 
-    def _free_early(self, save_dir: Path, records: List[CheckpointRecord]) -> int:
+    def _free_early(self, save_dir: Path) -> int:
+        self._finish_removals()  # space that background removals are about to free
         # The new checkpoint will count toward keep_last, so keep one fewer of the old ones.
         keep = self.options.keep_last - 1 if self.options.keep_last > 1 else 0
         protected = filter(None, [read_latest(save_dir)])
-        doomed = checkpoints_to_delete(records, keep, self.options.keep_every, protected)
+        doomed = checkpoints_to_delete(scan(save_dir), keep, self.options.keep_every, protected)
         for record in doomed:
-            delete_checkpoint(save_dir, record, fsync=self.options.fsync)
+            delete_checkpoint(save_dir, record)
         return len(doomed)
 
     def _publish(self, save: _SaveInProgress, files: List[FileRecord]) -> None:
@@ -235,8 +336,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         replaced = publish_dir(save.pending, final, fsync=self.options.fsync)
         self._manifests.pop(final, None)
         if replaced is not None:
-            delete_checkpoint(save.save_dir, CheckpointRecord(name=replaced.name, tag=save.tag, leftover="pending"),
-                              fsync=self.options.fsync)
+            delete_checkpoint(save.save_dir, CheckpointRecord(name=replaced.name, tag=save.tag, leftover="pending"))
         if save.save_latest:
             atomic_write_bytes(save.save_dir / LATEST_NAME, save.tag.encode(), fsync=self.options.fsync)
         self.rotate(save.save_dir, protected={save.tag})
@@ -258,6 +358,38 @@ class FastAioCheckpointEngine(CheckpointEngine):
         if self._staging is None:
             self._staging = StagingBuffer(self.options.io_buffer_size)
         return self._staging
+
+
+def wait(ds_engine) -> None:
+    """Finishes and commits the checkpoint a DeepSpeed engine is writing in the background.
+
+    With ``"async": true`` a checkpoint is committed at the next optimizer
+    step; call this to commit it sooner, e.g. before evaluating or exiting
+    abnormally. Every rank must call it. Does nothing for other engines or
+    when no checkpoint is in flight.
+
+    Raises:
+        OSError, CommitError, BackgroundWriterError: when the checkpoint cannot be committed.
+    """
+    checkpoint_engine = getattr(ds_engine, "checkpoint_engine", None)
+    if isinstance(checkpoint_engine, FastAioCheckpointEngine):
+        checkpoint_engine.wait()
+
+
+def _commit_at_exit(engine: FastAioCheckpointEngine) -> None:
+    """Commits an async checkpoint still in flight when the interpreter exits normally."""
+    reference = weakref.ref(engine)
+
+    def commit_in_flight():
+        live = reference()
+        if live is None:
+            return
+        try:
+            live.wait()
+        except Exception:  # the interpreter is exiting: say what was lost, loudly
+            logger.exception("ds_fastckpt could not commit the checkpoint in flight at exit")
+
+    atexit.register(commit_in_flight)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """After a save or a rotation: does this process still hold anything open in save_dir?"""
 
 import logging
-from typing import List
+from pathlib import Path
+from typing import Iterable, List
 
 from .fd_accounting import OpenFd, open_fds_under
 
@@ -16,14 +17,15 @@ def describe(entries: List[OpenFd]) -> str:
     return ", ".join(f"fd {entry.fd} -> {entry.target}{' (deleted)' if entry.deleted else ''}" for entry in entries)
 
 
-def audit_fds(save_dir, mode: str, when: str, ignore=()) -> List[OpenFd]:
+def audit_fds(save_dir, mode: str, when: str, removing: Iterable[Path] = ()) -> List[OpenFd]:
     """Checks /proc/self/fd for descriptors into ``save_dir`` (deleted files there included).
 
     Args:
         save_dir: the checkpoint directory.
         mode: "raise", "warn" or "off".
         when: what just happened, for the message ("save of global_step10").
-        ignore: descriptor numbers this process holds on purpose.
+        removing: retired directories our background writer is removing right now; the directory
+            descriptors its ``shutil.rmtree`` holds there are not leaks.
 
     Returns:
         The descriptors found (empty with mode "off").
@@ -33,7 +35,11 @@ def audit_fds(save_dir, mode: str, when: str, ignore=()) -> List[OpenFd]:
     """
     if mode == "off":
         return []
-    found = [entry for entry in open_fds_under(save_dir) if entry.fd not in set(ignore)]
+    skipped = [str(path) for path in removing]
+    found = [
+        entry for entry in open_fds_under(save_dir)
+        if not any(entry.target == root or entry.target.startswith(root + "/") for root in skipped)
+    ]
     if found:
         message = f"file descriptors still open into {save_dir} after {when}: {describe(found)}"
         if mode == "raise":

@@ -25,10 +25,11 @@ def reports(tmp_path_factory):
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)], out
 
 
+@pytest.mark.parametrize("mode", ["round_trips", "async_round_trips"])
 @pytest.mark.parametrize("stage", ["0", "1", "2", "3"])
-def test_round_trip_is_bit_exact_on_every_rank(reports, stage):
+def test_round_trip_is_bit_exact_on_every_rank(reports, stage, mode):
     for report in reports[0]:
-        trip = report["round_trips"][stage]
+        trip = report[mode][stage]
         assert trip["differed_before"] and trip["equal_after"], (report["rank"], trip)
         assert "global_step3" in trip["load_path"]
 

@@ -22,14 +22,18 @@ def same_state(expected, actual) -> bool:
         for key, value in expected.items())
 
 
-def round_trips(save_root: Path) -> dict:
+def round_trips(save_root: Path, async_save: bool = False) -> dict:
+    """Sync, or async with training going on for 2 steps after the save (the commit happens in the first)."""
     results = {}
     for stage in (0, 1, 2, 3):
         save_dir = save_root / f"stage{stage}"
-        saver = init_engine(stage, {"keep_last": 2}, seed=0)
+        saver = init_engine(stage, {"keep_last": 2, "async": async_save}, seed=0)
         train(saver, 3)
         saver.save_checkpoint(save_dir)
         saved = full_state(saver)
+        if async_save:
+            train(saver, 2)
+            saver.destroy()
         loader = init_engine(stage, {"keep_last": 2, "verify": "checksum"}, seed=7)
         differed = not same_state(saved, full_state(loader))
         load_path, _ = loader.load_checkpoint(save_dir)
@@ -132,6 +136,7 @@ def main():
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
     report = {"rank": rank, "round_trips": round_trips(out / "round_trips")}
+    report["async_round_trips"] = round_trips(out / "async_round_trips", async_save=True)
     report["rotation"] = rotation(out / "rotation", rank)
     report["resume"] = resume_without_latest(out / "rotation", rank)
     report["broken_latest"] = broken_latest(out / "rotation", rank)

@@ -1,0 +1,62 @@
+"""The thin async layer: one named writer thread running the synchronous file writes, and the wait for them.
+
+As in PyTorch DCP's async save, a one-worker executor runs the same write
+function the synchronous path calls and hands back Futures; nothing here
+knows how a file is written.
+"""
+
+import concurrent.futures
+import io
+import time
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+
+THREAD_NAME = "ds_fastckpt-writer"
+
+
+class BackgroundWriterError(RuntimeError):
+    """The background writer did not finish in time: it is hung or its thread died."""
+
+
+class BackgroundWriter:
+    """Runs file writes one at a time on the thread ``ds_fastckpt-writer``, in submission order."""
+
+    def __init__(self):
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
+
+    def submit(self, write: Callable[..., Any], *args) -> concurrent.futures.Future:
+        return self._executor.submit(write, *args)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def wait_for(futures: List[concurrent.futures.Future], timeout_s: float,
+             what: str) -> Tuple[List[Any], Optional[BaseException]]:
+    """Results of ``futures`` in order, and the first failure (None when all succeeded).
+
+    Every future is waited for (up to ``timeout_s`` in all) even after a
+    failure, so no write of this checkpoint is still running when the caller
+    reports the error. A write that raised gives its own exception, errno and
+    path intact; one still running at the deadline gives a BackgroundWriterError.
+    """
+    deadline = time.monotonic() + timeout_s
+    results, failure = [], None
+    for future in futures:
+        try:
+            results.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+        except concurrent.futures.TimeoutError:
+            failure = failure or BackgroundWriterError(
+                f"the background writer did not finish {what} within {timeout_s} s: it is hung or its thread "
+                "died; the checkpoint is not committed (checkpoint.fast_aio.async_timeout_s sets the limit)")
+        except Exception as error:  # handed to the caller, who raises it on the training thread
+            failure = failure or error
+    return results, failure
+
+
+def snapshot(state_dict) -> bytes:
+    """``state_dict`` serialized into host memory now, for writes that must not see later changes."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    return buffer.getvalue()

@@ -1,0 +1,165 @@
+"""Async saves: save_checkpoint returns at once, the commit comes later, nothing is lost or hidden."""
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ds_fastckpt
+from ds_fastckpt import BackgroundWriterError
+from ds_fastckpt.fault_injection import inject_fault
+from ds_fastckpt.manifest import MANIFEST_NAME
+from tests.ds_helpers import assert_same_state, full_state, init_engine, train
+
+REPO = Path(__file__).resolve().parents[2]
+ASYNC = {"keep_last": 0, "async": True}
+
+
+def complete_tags(save_dir):
+    return sorted(p.name for p in save_dir.iterdir() if (p / MANIFEST_NAME).is_file())
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_checkpoint_holds_the_state_at_save_although_training_went_on(tmp_path, stage):
+    engine = init_engine(stage, ASYNC, seed=0)
+    assert engine.checkpoint_engine.is_decoupled()
+    train(engine, 3)
+    engine.save_checkpoint(tmp_path)
+    saved = full_state(engine)
+    assert complete_tags(tmp_path) == []  # not committed until the next optimizer step
+    train(engine, 2)
+    assert complete_tags(tmp_path) == ["global_step3"]
+    assert (tmp_path / "latest").read_text() == "global_step3"
+    loader = init_engine(stage, {"keep_last": 0, "verify": "checksum"}, seed=7)
+    loader.load_checkpoint(tmp_path)
+    assert_same_state(saved, full_state(loader))
+    engine.destroy()
+
+
+def test_the_writer_is_one_named_thread(tmp_path):
+    engine = init_engine(1, ASYNC)
+    train(engine, 1)
+    engine.save_checkpoint(tmp_path)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("ds_fastckpt-writer")] == [
+        "ds_fastckpt-writer_0"
+    ]
+    engine.destroy()
+
+
+def test_two_saves_without_a_step_between_commit_both(tmp_path):
+    engine = init_engine(1, ASYNC)
+    train(engine, 1)
+    engine.save_checkpoint(tmp_path, tag="a")
+    engine.save_checkpoint(tmp_path, tag="b")
+    assert complete_tags(tmp_path) == ["a"]
+    train(engine, 1)
+    assert complete_tags(tmp_path) == ["a", "b"]
+    assert (tmp_path / "latest").read_text() == "b"
+    engine.destroy()
+
+
+def test_destroy_commits_the_checkpoint_in_flight(tmp_path):
+    engine = init_engine(1, ASYNC)
+    train(engine, 2)
+    engine.save_checkpoint(tmp_path)
+    engine.destroy()
+    assert complete_tags(tmp_path) == ["global_step2"]
+
+
+def test_wait_commits_now(tmp_path):
+    engine = init_engine(1, ASYNC)
+    train(engine, 2)
+    engine.save_checkpoint(tmp_path)
+    ds_fastckpt.wait(engine)
+    assert complete_tags(tmp_path) == ["global_step2"]
+    ds_fastckpt.wait(engine)  # nothing in flight: a no-op
+    engine.destroy()
+
+
+def test_interpreter_exit_commits_the_checkpoint_in_flight(tmp_path):
+    script = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+              "from tests.ds_helpers import single_process_env, init_engine, train\n"
+              "single_process_env()\n"
+              "engine = init_engine(1, {'keep_last': 0, 'async': True})\n"
+              "train(engine, 2)\n"
+              f"engine.save_checkpoint({str(tmp_path)!r})\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, capture_output=True, timeout=300)
+    assert complete_tags(tmp_path) == ["global_step2"]
+    assert (tmp_path / "latest").read_text() == "global_step2"
+
+
+def test_background_io_error_surfaces_at_the_next_step(tmp_path):
+    engine = init_engine(1, ASYNC)
+    train(engine, 1)
+    engine.save_checkpoint(tmp_path)
+    train(engine, 1)
+    with inject_fault("fsync", errno.EIO):
+        engine.save_checkpoint(tmp_path)
+        with pytest.raises(OSError) as raised:
+            train(engine, 1)
+    assert raised.value.errno == errno.EIO
+    assert "global_step2.ds_fastckpt-tmp" in raised.value.filename
+    assert complete_tags(tmp_path) == ["global_step1"]
+    assert (tmp_path / "latest").read_text() == "global_step1"
+    # The commit runs in step() before the optimizer step, so the failed step did not advance global_steps.
+    engine.save_checkpoint(tmp_path)  # training goes on and the next save works
+    train(engine, 1)
+    assert complete_tags(tmp_path) == ["global_step1", "global_step2"]
+    engine.destroy()
+
+
+def test_background_pickling_error_surfaces_with_its_own_type(tmp_path):
+
+    class Unpicklable:
+
+        def __reduce__(self):
+            raise TypeError("cannot pickle this client state")
+
+    engine = init_engine(1, ASYNC)
+    train(engine, 1)
+    engine.save_checkpoint(tmp_path, client_state={"bad": Unpicklable()})
+    with pytest.raises(TypeError, match="cannot pickle this client state"):
+        train(engine, 1)
+    assert complete_tags(tmp_path) == []
+    engine.destroy()
+
+
+def test_a_hung_writer_gives_a_clear_error_not_a_hang(tmp_path, monkeypatch):
+    engine = init_engine(1, {**ASYNC, "async_timeout_s": 0.5})
+    write = engine.checkpoint_engine._write_file
+
+    def slow_write(*args):
+        time.sleep(2)
+        return write(*args)
+
+    monkeypatch.setattr(engine.checkpoint_engine, "_write_file", slow_write)
+    train(engine, 1)
+    engine.save_checkpoint(tmp_path)
+    started = time.monotonic()
+    with pytest.raises(BackgroundWriterError, match="did not finish checkpoint 'global_step1' within 0.5 s"):
+        train(engine, 1)
+    assert time.monotonic() - started < 1.5
+    assert complete_tags(tmp_path) == []
+    engine.destroy()
+
+
+def test_snapshot_keeps_the_state_at_save_even_if_tensors_change(tmp_path):
+    engine = init_engine(0, {**ASYNC, "snapshot": True})
+    train(engine, 1)
+    engine.save_checkpoint(tmp_path)
+    saved = full_state(engine)
+    with torch.no_grad():
+        for param in engine.module.parameters():
+            param.add_(1.0)
+    ds_fastckpt.wait(engine)
+    loader = init_engine(0, {"keep_last": 0}, seed=7)
+    loader.load_checkpoint(tmp_path)
+    assert torch.equal(full_state(loader)["module.0.weight"], saved["module.0.weight"])
+    engine.destroy()
