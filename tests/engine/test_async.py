@@ -163,3 +163,42 @@ def test_snapshot_keeps_the_state_at_save_even_if_tensors_change(tmp_path):
     loader.load_checkpoint(tmp_path)
     assert torch.equal(full_state(loader)["module.0.weight"], saved["module.0.weight"])
     engine.destroy()
+
+
+def test_kill_during_a_background_write_keeps_the_previous_checkpoint(tmp_path):
+    ready = tmp_path / "writing"
+    save_dir = tmp_path / "ckpts"
+    script = (f"import sys, time, pathlib; sys.path.insert(0, {str(REPO)!r})\n"
+              "from tests.ds_helpers import single_process_env, init_engine, train\n"
+              "import ds_fastckpt\n"
+              "single_process_env()\n"
+              "engine = init_engine(1, {'keep_last': 0, 'async': True})\n"
+              "train(engine, 1)\n"
+              f"engine.save_checkpoint({str(save_dir)!r})\n"
+              "ds_fastckpt.wait(engine)\n"
+              "write = engine.checkpoint_engine._write_file\n"
+              "def stalled(*args):\n"
+              f"    pathlib.Path({str(ready)!r}).touch()\n"
+              "    write(*args)\n"
+              "    time.sleep(600)\n"
+              "engine.checkpoint_engine._write_file = stalled\n"
+              "train(engine, 1)\n"
+              f"engine.save_checkpoint({str(save_dir)!r})\n"
+              "time.sleep(600)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the child never started its background write"
+        time.sleep(0.2)
+    finally:
+        child.kill()
+        child.wait()
+    assert complete_tags(save_dir) == ["global_step1"]
+    assert (save_dir / ".global_step2.ds_fastckpt-tmp").is_dir()
+    loader = init_engine(1, {"keep_last": 0, "verify": "checksum"}, seed=7)
+    load_path, _ = loader.load_checkpoint(save_dir)
+    assert "global_step1" in load_path and loader.global_steps == 1
