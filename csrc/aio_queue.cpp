@@ -44,8 +44,8 @@ IdleContexts& idle_contexts() {
 
 }  // namespace
 
-AioQueue::AioQueue(int fd, std::string path, unsigned depth)
-    : fd_(fd), path_(std::move(path)), slots_(depth) {
+AioQueue::AioQueue(int fd, std::string path, unsigned depth, Direction direction)
+    : fd_(fd), path_(std::move(path)), direction_(direction), slots_(depth) {
   if (depth == 0) throw_io_error(EINVAL, "io_setup (queue_depth must be positive)", path_);
   ctx_ = idle_contexts().take(depth);
   if (ctx_ == nullptr) {
@@ -110,8 +110,13 @@ void AioQueue::submit_queued_locked() {
     if (slot.busy) continue;
     slot.chunk = queued_.front();
     checksum_ = crc32c_extend(checksum_, slot.chunk.buf, slot.chunk.checksum_len);
-    io_prep_pwrite(&slot.cb, fd_, const_cast<std::uint8_t*>(slot.chunk.buf), slot.chunk.len,
-                   static_cast<long long>(slot.chunk.offset));
+    auto* buf = const_cast<std::uint8_t*>(slot.chunk.buf);
+    const auto offset = static_cast<long long>(slot.chunk.offset);
+    if (direction_ == Direction::kRead) {
+      io_prep_pread(&slot.cb, fd_, buf, slot.chunk.len, offset);
+    } else {
+      io_prep_pwrite(&slot.cb, fd_, buf, slot.chunk.len, offset);
+    }
     slot.cb.data = &slot;
     struct iocb* cbs[1] = {&slot.cb};
     int rc;
@@ -132,15 +137,19 @@ void AioQueue::submit_queued_locked() {
 void AioQueue::complete_locked(Slot& slot, long result) {
   slot.busy = false;
   --in_flight_;
-  if (const int injected = faults::hit("write")) result = -injected;
-  if (result < 0) return fail_locked(static_cast<int>(-result), "write");
-  const auto written = static_cast<std::size_t>(result);
-  if (written == 0) return fail_locked(EIO, "write (no progress)");
-  if (written < slot.chunk.len && error_ == 0) {
-    // A short write (typically the disk filling up): write the rest, so the
-    // kernel reports the real error, e.g. ENOSPC, on the retry.
-    queued_.push_front(Chunk{slot.chunk.tag, slot.chunk.buf + written, slot.chunk.len - written,
-                             slot.chunk.offset + written, 0});
+  const bool reading = direction_ == Direction::kRead;
+  const char* op = reading ? "read" : "write";
+  if (const int injected = faults::hit(op)) result = -injected;
+  if (result < 0) return fail_locked(static_cast<int>(-result), op);
+  const auto done = static_cast<std::size_t>(result);
+  if (done >= slot.chunk.expected) return;
+  if (done == 0) return fail_locked(EIO, reading ? "read (file ended early)" : "write (no progress)");
+  if (error_ == 0) {
+    // A short transfer (for writes typically the disk filling up): do the
+    // rest, so the kernel reports the real error, e.g. ENOSPC, on the retry.
+    const Chunk& chunk = slot.chunk;
+    queued_.push_front(Chunk{chunk.tag, chunk.buf + done, chunk.len - done, chunk.offset + done, 0,
+                             chunk.expected - done});
   }
 }
 
@@ -171,7 +180,17 @@ void AioQueue::enqueue(int tag, const std::uint8_t* buf, std::size_t len, std::u
   {
     std::lock_guard<std::mutex> lock(mutex_);
     throw_if_failed_locked();
-    queued_.push_back(Chunk{tag, buf, len, offset, checksum_len});
+    queued_.push_back(Chunk{tag, buf, len, offset, checksum_len, len});
+  }
+  work_.notify_one();
+}
+
+void AioQueue::enqueue_read(std::uint8_t* buf, std::size_t len, std::uint64_t offset,
+                            std::size_t expected) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    throw_if_failed_locked();
+    queued_.push_back(Chunk{0, buf, len, offset, 0, expected});
   }
   work_.notify_one();
 }

@@ -1,4 +1,4 @@
-// A bounded libaio submission queue for writes to one file, serviced by its own thread.
+// A bounded libaio submission queue for writes to, or reads from, one file, serviced by its own thread.
 #pragma once
 
 #include <libaio.h>
@@ -29,9 +29,11 @@ namespace ds_fastckpt {
 // enqueued chunk must stay valid until drain() of its tag returns or the
 // queue is destroyed; the destructor waits for in-flight requests. The libaio
 // context is reused by the next queue of the same depth.
+enum class Direction { kWrite, kRead };
+
 class AioQueue {
  public:
-  AioQueue(int fd, std::string path, unsigned depth);
+  AioQueue(int fd, std::string path, unsigned depth, Direction direction = Direction::kWrite);
   ~AioQueue();
 
   AioQueue(const AioQueue&) = delete;
@@ -42,6 +44,10 @@ class AioQueue {
   // of an earlier chunk, if any.
   void enqueue(int tag, const std::uint8_t* buf, std::size_t len, std::uint64_t offset,
                std::size_t checksum_len);
+
+  // Read queues only: reads [offset, offset + len) into buf, of which at least
+  // `expected` bytes must arrive (less than len for the block-padded end of a file).
+  void enqueue_read(std::uint8_t* buf, std::size_t len, std::uint64_t offset, std::size_t expected);
 
   // Blocks until no chunk with `tag` is queued or in flight. Throws IoError
   // for the first failed chunk; after a failure nothing more is submitted.
@@ -58,6 +64,7 @@ class AioQueue {
     std::size_t len;
     std::uint64_t offset;
     std::size_t checksum_len;
+    std::size_t expected;  // bytes that must be transferred; len for writes
   };
   struct Slot {
     struct iocb cb;
@@ -75,6 +82,7 @@ class AioQueue {
 
   int fd_;
   std::string path_;
+  Direction direction_;
   io_context_t ctx_ = nullptr;
   std::vector<Slot> slots_;
 

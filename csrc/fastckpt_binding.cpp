@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "aio_reader.h"
 #include "aio_writer.h"
 #include "crc32c.h"
 #include "fault_injection.h"
@@ -78,6 +79,15 @@ void write_aligned(const std::string& path, const torch::Tensor& buffer, std::si
   write_aligned_file(path, data, size, WriterOptions{block_size, queue_depth, fsync});
 }
 
+std::uint64_t read_file(const std::string& path, const torch::Tensor& buffer, std::size_t block_size,
+                        unsigned queue_depth) {
+  std::uint8_t* data = aligned_bytes(buffer, 0, "buffer");
+  const std::size_t capacity =
+      static_cast<std::size_t>(buffer.numel()) - static_cast<std::size_t>(data - buffer.data_ptr<std::uint8_t>());
+  py::gil_scoped_release release;
+  return read_whole_file(path, data, capacity, ReaderOptions{block_size, queue_depth});
+}
+
 std::uint32_t crc32c(const py::buffer& data, std::uint32_t crc) {
   py::buffer_info info = data.request();
   TORCH_CHECK(PyBuffer_IsContiguous(info.view(), 'C'), "crc32c() needs a C-contiguous buffer");
@@ -129,6 +139,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("write_aligned", &ds_fastckpt::write_aligned, py::arg("path"), py::arg("buffer"),
         py::arg("size"), py::arg("block_size"), py::arg("queue_depth"), py::arg("fsync"));
+  m.def("read_file", &ds_fastckpt::read_file, py::arg("path"), py::arg("buffer"), py::arg("block_size"),
+        py::arg("queue_depth"),
+        "Reads a whole file with O_DIRECT into the 4096-aligned part of a uint8 tensor; returns its size.");
   m.def("crc32c", &ds_fastckpt::crc32c, py::arg("data"), py::arg("crc") = 0,
         "CRC-32C of a buffer, extending `crc`; the checksum manifests record.");
   m.def("_arm_fault", &ds_fastckpt::faults::arm, py::arg("point"), py::arg("errno"), py::arg("skip"),

@@ -6,7 +6,7 @@
 namespace ds_fastckpt {
 namespace faults {
 
-// Points: "open_direct", "open", "write", "ftruncate", "fsync", "close".
+// Points: "open_direct", "open", "write", "read", "ftruncate", "fsync", "close".
 // The fault fires once, on hit number `skip` + 1 after arming.
 void arm(const std::string& point, int err, int skip);
 void disarm_all();

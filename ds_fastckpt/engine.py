@@ -213,11 +213,12 @@ class FastAioCheckpointEngine(CheckpointEngine):
 
     def load(self, path: str, map_location=None):
         path = Path(path)
-        data = path.read_bytes()
         record = self._record_for(path)
         if record is not None and self.options.verify != "off":
-            if len(data) != record.bytes:
-                check_size(path, record)
+            check_size(path, record)
+        data = path.read_bytes()
+        if record is not None and self.options.verify != "off":
+            check_size(path, record, size=len(data))  # the file may have changed since the check above
             if self.options.verify == "checksum":
                 check_checksum(path, record, load_op().crc32c(data))
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)

@@ -5,7 +5,7 @@ import errno as errno_module
 
 from .writer import load_op
 
-POINTS = ("open_direct", "open", "write", "ftruncate", "fsync", "close")
+POINTS = ("open_direct", "open", "write", "read", "ftruncate", "fsync", "close")
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from .manifest import FileRecord, Manifest
 
@@ -20,11 +21,13 @@ def check_sizes(tag_dir: Path, manifest: Manifest) -> None:
         check_size(tag_dir / record.path, record)
 
 
-def check_size(path: Path, record: FileRecord) -> None:
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
-        raise CheckpointIntegrityError(f"checkpoint file {path} is missing (the manifest lists it)") from None
+def check_size(path: Path, record: FileRecord, size: Optional[int] = None) -> None:
+    """``path`` has the size ``record`` says; ``size`` is what was read, else the file is stat-ed."""
+    if size is None:
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise CheckpointIntegrityError(f"checkpoint file {path} is missing (the manifest lists it)") from None
     if size != record.bytes:
         raise CheckpointIntegrityError(f"checkpoint file {path} has {size} bytes; the manifest says {record.bytes} "
                                        "(truncated or overwritten)")

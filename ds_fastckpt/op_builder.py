@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
-_SOURCES = ("unique_fd.cpp", "fault_injection.cpp", "crc32c.cpp", "aio_queue.cpp", "aio_writer.cpp", "fastckpt_binding.cpp")
+_SOURCES = ("unique_fd.cpp", "fault_injection.cpp", "crc32c.cpp", "aio_queue.cpp", "aio_writer.cpp", "aio_reader.cpp", "fastckpt_binding.cpp")
 
 
 def csrc_dir() -> Path:

@@ -103,6 +103,6 @@ def test_filesystem_without_o_direct_falls_back_with_one_warning(tmp_path, caplo
 
 
 def test_unknown_fault_point_is_named():
-    with pytest.raises(ValueError, match="point='read' is not allowed"):
-        with inject_fault("read"):
+    with pytest.raises(ValueError, match="point='bogus' is not allowed"):
+        with inject_fault("bogus"):
             pass
