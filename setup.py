@@ -64,7 +64,8 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["ds_fastckpt", "ds_fastckpt.*"]),
     install_requires=["deepspeed>=0.17.1", "torch", "ninja"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis", "matplotlib"], "plot": ["matplotlib"]},
+    entry_points={"console_scripts": ["ds-fastckpt=ds_fastckpt.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

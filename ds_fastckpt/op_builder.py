@@ -7,7 +7,9 @@ DeepSpeed op.
 """
 
 import importlib
+import io
 import logging
+import sys
 from pathlib import Path
 
 from deepspeed.ops.op_builder.builder import CUDAOpBuilder, OpBuilder
@@ -65,7 +67,7 @@ class FastCkptBuilder(CUDAOpBuilder):
         return ["-laio"]
 
     def is_compatible(self, verbose=False):
-        if not self.has_function("io_submit", ("aio", ), verbose=verbose):
+        if not self._links_libaio(verbose):
             # jit_load() puts error_log into the RuntimeError it raises.
             self.error_log = (f"{self.NAME} needs libaio's headers and library: install Debian/Ubuntu "
                               "'libaio-dev' (apt-get install libaio-dev) or Fedora/RHEL 'libaio-devel'; "
@@ -74,6 +76,22 @@ class FastCkptBuilder(CUDAOpBuilder):
                 logger.warning(self.error_log)
             return False
         return super().is_compatible(verbose)
+
+    def _links_libaio(self, verbose: bool) -> bool:
+        # DeepSpeed's has_function silences the compiler by redirecting sys.stderr's file descriptor and
+        # reports False when sys.stderr has none (pytest capture, notebooks); give it the real stderr.
+        stderr = sys.stderr
+        try:
+            stderr.fileno()
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            if sys.__stderr__ is None:
+                verbose = True  # no descriptor to redirect at all: let the probe print instead
+            else:
+                sys.stderr = sys.__stderr__
+        try:
+            return self.has_function("io_submit", ("aio", ), verbose=verbose)
+        finally:
+            sys.stderr = stderr
 
     def load(self, verbose=False):
         """Returns the op module: cached, prebuilt, or JIT-built, in that order."""

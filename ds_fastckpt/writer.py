@@ -146,6 +146,11 @@ class AioFileWriter(io.RawIOBase):
             self._release()
 
     @property
+    def is_direct(self) -> bool:
+        """False when the filesystem refused O_DIRECT and the file is written buffered."""
+        return self._native.is_direct
+
+    @property
     def bytes_written(self) -> int:
         """Bytes accepted so far; after a successful ``close()``, the size of the file."""
         return self._native.bytes_written

@@ -25,6 +25,10 @@ def test_builder_is_a_deepspeed_builder_and_compatible_here():
     assert "-laio" in builder.extra_ldflags()
 
 
+def test_compatible_when_stderr_has_no_descriptor(capsys):
+    assert FastCkptBuilder().is_compatible()
+
+
 def test_load_twice_returns_the_cached_module():
     first = FastCkptBuilder().load()
     second = FastCkptBuilder().load()
