@@ -1,6 +1,8 @@
 #include "aio_queue.h"
 
+#include <algorithm>
 #include <cerrno>
+#include <iterator>
 
 #include "crc32c.h"
 #include "fault_injection.h"
@@ -142,6 +144,9 @@ void AioQueue::complete_locked(Slot& slot, long result) {
   if (const int injected = faults::hit(op)) result = -injected;
   if (result < 0) return fail_locked(static_cast<int>(-result), op);
   const auto done = static_cast<std::size_t>(result);
+  if (reading && done > 0) {
+    mark_read_locked(slot.chunk.offset, slot.chunk.offset + std::min(done, slot.chunk.expected));
+  }
   if (done >= slot.chunk.expected) return;
   if (done == 0) return fail_locked(EIO, reading ? "read (file ended early)" : "write (no progress)");
   if (error_ == 0) {
@@ -163,6 +168,37 @@ void AioQueue::fail_locked(int err, const char* op) {
 
 void AioQueue::throw_if_failed_locked() const {
   if (error_ != 0) throw_io_error(error_, error_op_, path_);
+}
+
+void AioQueue::mark_read_locked(std::uint64_t begin, std::uint64_t end) {
+  auto next = read_ranges_.upper_bound(begin);
+  if (next != read_ranges_.begin()) {
+    auto previous = std::prev(next);
+    if (previous->second >= begin) {  // overlaps or touches the range before
+      begin = previous->first;
+      end = std::max(end, previous->second);
+      next = read_ranges_.erase(previous);
+    }
+  }
+  while (next != read_ranges_.end() && next->first <= end) {
+    end = std::max(end, next->second);
+    next = read_ranges_.erase(next);
+  }
+  read_ranges_.emplace(begin, end);
+}
+
+bool AioQueue::was_read_locked(std::uint64_t begin, std::uint64_t end) const {
+  if (begin >= end) return true;
+  auto range = read_ranges_.upper_bound(begin);
+  if (range == read_ranges_.begin()) return false;
+  --range;
+  return range->first <= begin && range->second >= end;
+}
+
+void AioQueue::wait_until_read(std::uint64_t begin, std::uint64_t end) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  progress_.wait(lock, [&] { return error_ != 0 || was_read_locked(begin, end); });
+  throw_if_failed_locked();
 }
 
 bool AioQueue::has_outstanding_locked(int tag) const {

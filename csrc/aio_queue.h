@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -54,6 +55,10 @@ class AioQueue {
   void drain(int tag);
   void drain_all();
 
+  // Read queues only: blocks until every byte of [begin, end) has been read,
+  // in whatever order the reads completed. Throws IoError on a failed read.
+  void wait_until_read(std::uint64_t begin, std::uint64_t end);
+
   // CRC-32C of the checksummed bytes of every chunk submitted so far.
   std::uint32_t checksum();
 
@@ -77,6 +82,8 @@ class AioQueue {
   void submit_queued_locked();
   void complete_locked(Slot& slot, long result);
   bool has_outstanding_locked(int tag) const;
+  void mark_read_locked(std::uint64_t begin, std::uint64_t end);
+  bool was_read_locked(std::uint64_t begin, std::uint64_t end) const;
   void fail_locked(int err, const char* op);
   void throw_if_failed_locked() const;
 
@@ -94,6 +101,7 @@ class AioQueue {
   bool stopping_ = false;
   bool context_reusable_ = true;  // false once completions may have been lost
   std::uint32_t checksum_ = 0;
+  std::map<std::uint64_t, std::uint64_t> read_ranges_;  // disjoint [begin, end) ranges already read
   int error_ = 0;
   const char* error_op_ = nullptr;
   std::thread worker_;

@@ -1,9 +1,13 @@
-// Whole-file reads with libaio + O_DIRECT into an aligned buffer.
+// Whole-file reads with libaio + O_DIRECT into an aligned buffer, usable while still in progress.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
+
+#include "aio_queue.h"
+#include "unique_fd.h"
 
 namespace ds_fastckpt {
 
@@ -13,10 +17,35 @@ struct ReaderOptions {
 };
 
 // Reads all of `path` into `buffer` (4096-aligned, `capacity` bytes, at least
-// the file size rounded up to 4096) with `queue_depth` reads in flight, and
-// returns the file size. Falls back to buffered reads where O_DIRECT is
-// refused (EINVAL). Throws IoError with errno and path.
-std::uint64_t read_whole_file(const std::string& path, std::uint8_t* buffer, std::size_t capacity,
-                              ReaderOptions options);
+// the file size rounded up to 4096) with `queue_depth` reads in flight. The
+// constructor starts the reads and returns: the last block first (a zip
+// archive is read from its central directory at the end), then the rest in
+// order, so a caller can consume the front while the back is still arriving.
+// Falls back to buffered reads where O_DIRECT is refused (EINVAL). Errors are
+// IoError with errno and path.
+//
+// Call order: wait(begin, end)* then finish(); destroying the reader without
+// finish() waits for reads in flight and closes the file.
+class AioFileReader {
+ public:
+  AioFileReader(std::string path, std::uint8_t* buffer, std::size_t capacity, ReaderOptions options);
+
+  AioFileReader(const AioFileReader&) = delete;
+  AioFileReader& operator=(const AioFileReader&) = delete;
+
+  std::uint64_t size() const noexcept { return size_; }
+
+  // Blocks until [begin, min(end, size)) is in the buffer.
+  void wait(std::uint64_t begin, std::uint64_t end);
+
+  // Waits for every read and closes the file, also when a read failed.
+  void finish();
+
+ private:
+  std::string path_;
+  UniqueFd fd_;
+  std::uint64_t size_ = 0;
+  std::unique_ptr<AioQueue> queue_;  // declared after fd_: destroyed, and drained, before it
+};
 
 }  // namespace ds_fastckpt

@@ -79,14 +79,34 @@ void write_aligned(const std::string& path, const torch::Tensor& buffer, std::si
   write_aligned_file(path, data, size, WriterOptions{block_size, queue_depth, fsync});
 }
 
-std::uint64_t read_file(const std::string& path, const torch::Tensor& buffer, std::size_t block_size,
-                        unsigned queue_depth) {
-  std::uint8_t* data = aligned_bytes(buffer, 0, "buffer");
-  const std::size_t capacity =
-      static_cast<std::size_t>(buffer.numel()) - static_cast<std::size_t>(data - buffer.data_ptr<std::uint8_t>());
-  py::gil_scoped_release release;
-  return read_whole_file(path, data, capacity, ReaderOptions{block_size, queue_depth});
-}
+// Keeps the buffer alive for as long as the native reader may write into it.
+class PyFileReader {
+ public:
+  PyFileReader(const std::string& path, torch::Tensor buffer, std::size_t block_size, unsigned queue_depth)
+      : buffer_(std::move(buffer)) {
+    std::uint8_t* data = aligned_bytes(buffer_, 0, "buffer");
+    const std::size_t capacity = static_cast<std::size_t>(buffer_.numel()) -
+                                 static_cast<std::size_t>(data - buffer_.data_ptr<std::uint8_t>());
+    py::gil_scoped_release release;
+    reader_ = std::make_unique<AioFileReader>(path, data, capacity, ReaderOptions{block_size, queue_depth});
+  }
+
+  std::uint64_t size() const { return reader_->size(); }
+
+  void wait(std::uint64_t begin, std::uint64_t end) {
+    py::gil_scoped_release release;
+    reader_->wait(begin, end);
+  }
+
+  void finish() {
+    py::gil_scoped_release release;
+    reader_->finish();
+  }
+
+ private:
+  torch::Tensor buffer_;
+  std::unique_ptr<AioFileReader> reader_;
+};
 
 std::uint32_t crc32c(const py::buffer& data, std::uint32_t crc) {
   py::buffer_info info = data.request();
@@ -139,9 +159,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("write_aligned", &ds_fastckpt::write_aligned, py::arg("path"), py::arg("buffer"),
         py::arg("size"), py::arg("block_size"), py::arg("queue_depth"), py::arg("fsync"));
-  m.def("read_file", &ds_fastckpt::read_file, py::arg("path"), py::arg("buffer"), py::arg("block_size"),
-        py::arg("queue_depth"),
-        "Reads a whole file with O_DIRECT into the 4096-aligned part of a uint8 tensor; returns its size.");
+  py::class_<ds_fastckpt::PyFileReader>(m, "FileReader")
+      .def(py::init<const std::string&, torch::Tensor, std::size_t, unsigned>(), py::arg("path"),
+           py::arg("buffer"), py::arg("block_size"), py::arg("queue_depth"))
+      .def_property_readonly("size", &ds_fastckpt::PyFileReader::size)
+      .def("wait", &ds_fastckpt::PyFileReader::wait, py::arg("begin"), py::arg("end"))
+      .def("finish", &ds_fastckpt::PyFileReader::finish);
   m.def("crc32c", &ds_fastckpt::crc32c, py::arg("data"), py::arg("crc") = 0,
         "CRC-32C of a buffer, extending `crc`; the checksum manifests record.");
   m.def("_arm_fault", &ds_fastckpt::faults::arm, py::arg("point"), py::arg("errno"), py::arg("skip"),

@@ -2,7 +2,6 @@
 
 import atexit
 import contextlib
-import io
 import logging
 import os
 import socket
@@ -28,6 +27,7 @@ from .integrity import check_checksum, check_size, check_sizes
 from .manifest import (MANIFEST_NAME, PENDING_MARKER_NAME, FileRecord, Manifest, read_manifest, write_manifest,
                        write_pending_marker)
 from .preservation_policy import checkpoints_to_delete
+from .reader import MemoryFile, load_file, read_file
 from .records import CheckpointRecord, newest_sequence, scan
 from .resume import LATEST_NAME, read_latest
 from .staging import StagingBuffer
@@ -96,8 +96,9 @@ class FastAioCheckpointEngine(CheckpointEngine):
     ``save_checkpoint`` first commits the one in flight; ``cleanup`` (from
     ``engine.destroy()``), ``wait()`` and interpreter exit commit it too.
 
-    ``load(path)`` verifies the file against its manifest (size or CRC-32C, as
-    ``verify`` says) and deserializes it; it works on torch >= 2.6.
+    ``load(path)`` reads the file with O_DIRECT, verifies it against its
+    manifest (size or CRC-32C, as ``verify`` says) and deserializes it from
+    memory; it works on torch >= 2.6.
 
     Args:
         config_params: DeepSpeed's config object.
@@ -213,15 +214,20 @@ class FastAioCheckpointEngine(CheckpointEngine):
 
     def load(self, path: str, map_location=None):
         path = Path(path)
-        record = self._record_for(path)
-        if record is not None and self.options.verify != "off":
+        record = self._record_for(path) if self.options.verify != "off" else None
+        if record is not None:
             check_size(path, record)
-        data = path.read_bytes()
-        if record is not None and self.options.verify != "off":
-            check_size(path, record, size=len(data))  # the file may have changed since the check above
-            if self.options.verify == "checksum":
-                check_checksum(path, record, load_op().crc32c(data))
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+        if record is None or self.options.verify == "size":
+            # Reading and deserializing overlap; a size check needs nothing more.
+            loaded, data = load_file(path, map_location=map_location, weights_only=False, **self.tuning)
+            if record is not None:
+                check_size(path, record, size=len(data))  # the file may have changed since the check above
+            return loaded
+        # "checksum": every byte is checked before torch.load sees any, so damage is reported as such.
+        data = read_file(path, **self.tuning)
+        check_size(path, record, size=len(data))
+        check_checksum(path, record, load_op().crc32c(data))
+        return torch.load(MemoryFile(data), map_location=map_location, weights_only=False)
 
     def commit(self, info: CheckpointCommitInfo):
         save, self._save = self._save, None

@@ -19,26 +19,53 @@ def read_file(path, *, block_size: int = DEFAULT_BLOCK_SIZE, queue_depth: int = 
     Raises:
         OSError: with errno and path (FileNotFoundError, PermissionError, EIO, ...).
     """
+    reader, data = _start_reading(path, block_size, queue_depth)
+    reader.finish()
+    return data
+
+
+def load_file(path, *, map_location=None, weights_only: bool = True, block_size: int = DEFAULT_BLOCK_SIZE,
+              queue_depth: int = DEFAULT_QUEUE_DEPTH):
+    """``torch.load`` of ``path``, reading it with O_DIRECT while it is being deserialized.
+
+    The reads start with the archive's end (its directory), then go front to
+    back; ``torch.load`` copies each record into its tensor as soon as that
+    record has arrived, so reading and deserializing overlap.
+
+    Returns:
+        What ``torch.load`` returns, and the file's bytes (for checksumming).
+    """
+    reader, data = _start_reading(path, block_size, queue_depth)
+    try:
+        loaded = torch.load(MemoryFile(data, wait=reader.wait), map_location=map_location, weights_only=weights_only)
+    finally:
+        reader.finish()
+    return loaded, data
+
+
+def _start_reading(path, block_size: int, queue_depth: int):
     path = os.fspath(path)
     size = os.stat(path).st_size
     padded = -(-size // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
     buffer = torch.empty(padded + DIRECT_ALIGNMENT, dtype=torch.uint8)
-    size = load_op().read_file(path, buffer, block_size, queue_depth)
+    reader = load_op().FileReader(path, buffer, block_size, queue_depth)
     start = -buffer.data_ptr() % DIRECT_ALIGNMENT
-    return memoryview(buffer.numpy())[start:start + size]
+    return reader, memoryview(buffer.numpy())[start:start + reader.size]
 
 
 class MemoryFile(io.RawIOBase):
     """A read-only, seekable file over a bytes-like object, without copying it.
 
     ``torch.load`` reads each record with ``readinto``, so the only copy is
-    the one into the tensor storages.
+    the one into the tensor storages. ``wait(begin, end)``, when given, is
+    called before bytes are copied out, for data still arriving.
     """
 
-    def __init__(self, data):
+    def __init__(self, data, wait=None):
         super().__init__()
         self._data = memoryview(data).cast("B")
         self._position = 0
+        self._wait = wait
 
     def readable(self) -> bool:
         return True
@@ -49,6 +76,8 @@ class MemoryFile(io.RawIOBase):
     def readinto(self, target) -> int:
         target = memoryview(target).cast("B")
         count = max(0, min(len(target), len(self._data) - self._position))
+        if self._wait is not None:
+            self._wait(self._position, self._position + count)
         target[:count] = self._data[self._position:self._position + count]
         self._position += count
         return count

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ds_fastckpt.fault_injection import inject_fault
-from ds_fastckpt.reader import MemoryFile, read_file
+from ds_fastckpt.reader import MemoryFile, load_file, read_file
 
 SIZES = [0, 1, 511, 4095, 4096, 4097, (1 << 20) + 3, 3 * (1 << 20)]
 
@@ -53,3 +53,21 @@ def test_memory_file_seek_and_read():
     assert source.seek(4) == 4 and source.tell() == 4
     with pytest.raises(ValueError, match="negative seek position"):
         source.seek(-1)
+
+
+def test_load_file_streams_and_returns_the_bytes(ext4_dir):
+    state = {f"t{i}": torch.randn(300_000) for i in range(8)}
+    path = ext4_dir / "big.pt"
+    torch.save(state, path)
+    loaded, data = load_file(path, block_size=64 << 10, queue_depth=4)
+    assert all(torch.equal(loaded[key], value) for key, value in state.items())
+    assert bytes(data) == path.read_bytes()
+
+
+def test_load_file_read_error_leaves_no_fd(tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save({"w": torch.randn(100_000)}, path)
+    with inject_fault("read", errno.EIO, skip=1):
+        with pytest.raises(OSError) as raised:
+            load_file(path, block_size=4096, queue_depth=2)
+    assert raised.value.errno == errno.EIO and raised.value.filename == str(path)
