@@ -38,8 +38,8 @@ def main():
     count = max(1, int(args.size_gib * (1 << 30)) // tensor_bytes)
     state = {f"layer{i}.weight": torch.rand(tensor_bytes // 4) for i in range(count)}
     methods = {
-        "ds_fastckpt load": lambda path: load_file(path, weights_only=False, block_size=4 << 20),
-        "torch.load": lambda path: torch.load(path, weights_only=False),
+        "ds_fastckpt load": lambda path: load_file(path, block_size=4 << 20),
+        "torch.load": lambda path: torch.load(path, weights_only=True),
         "raw O_DIRECT read": lambda path: read_file(path, block_size=4 << 20),
     }
     seconds = {name: [] for name in methods}

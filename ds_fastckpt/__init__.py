@@ -16,6 +16,7 @@ from .fd_audit import FdLeakError
 from .integrity import CheckpointIntegrityError
 from .manifest import ManifestError
 from .op_builder import FastCkptBuilder
+from .safe_load import UnsafeCheckpointError
 from .staging import StagingBuffer
 from .tags import InvalidTagError
 from .writer import AioFileWriter
@@ -40,6 +41,7 @@ __all__ = [
     "OpFdCounters",
     "OpenFd",
     "StagingBuffer",
+    "UnsafeCheckpointError",
     "UnsafeDeletionError",
     "deleted_fds_under",
     "op_fd_counters",

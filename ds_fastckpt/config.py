@@ -54,6 +54,11 @@ class FastAioConfig(DeepSpeedConfigModel):
     flipped bit loads silently), it costs about 0.5 s per GiB on the saving thread, and the manifest's
     CRC-32C already covers every byte. Turn it on for tools that unzip checkpoints and check CRCs."""
 
+    trusted_pickles: StrictBool = False
+    """Load with full pickle (``weights_only=False``), as DeepSpeed does. Off by default: a tampered
+    checkpoint could run code. Turn on only for checkpoints you trust that hold objects beyond
+    DeepSpeed's own (see ``ds_fastckpt.safe_load``)."""
+
     async_save: StrictBool = Field(False, alias="async")
     """Write in the background: ``save_checkpoint`` returns at once; the commit happens at the next
     optimizer step (DeepSpeed's decoupled-engine protocol), ``engine.destroy()``, ``ds_fastckpt.wait(engine)``
@@ -96,6 +101,7 @@ _ALLOWED = {
     "fd_audit": "one of 'raise', 'warn', 'off'",
     "io_buffer_size": f"a positive multiple of {DIRECT_ALIGNMENT}",
     "torch_crc32": "true or false",
+    "trusted_pickles": "true or false",
     "async": "true or false",
     "snapshot": "true or false",
     "async_timeout_s": "a number of seconds > 0",

@@ -16,7 +16,7 @@ import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 from torch.serialization import get_crc32_options, set_crc32_options
 
-from . import collectives
+from . import collectives, safe_load
 from .background import BackgroundWriter, snapshot, wait_for
 from .atomicity import atomic_write_bytes, fsync_dir, pending_path, publish_dir
 from .config import FastAioConfig
@@ -219,7 +219,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
             check_size(path, record)
         if record is None or self.options.verify == "size":
             # Reading and deserializing overlap; a size check needs nothing more.
-            loaded, data = load_file(path, map_location=map_location, weights_only=False, **self.tuning)
+            loaded, data = load_file(path, map_location=map_location, trusted=self.options.trusted_pickles,
+                                     **self.tuning)
             if record is not None:
                 check_size(path, record, size=len(data))  # the file may have changed since the check above
             return loaded
@@ -227,7 +228,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
         data = read_file(path, **self.tuning)
         check_size(path, record, size=len(data))
         check_checksum(path, record, load_op().crc32c(data))
-        return torch.load(MemoryFile(data), map_location=map_location, weights_only=False)
+        return safe_load.load(MemoryFile(data), path=path, map_location=map_location,
+                              trusted=self.options.trusted_pickles)
 
     def commit(self, info: CheckpointCommitInfo):
         save, self._save = self._save, None

@@ -5,6 +5,7 @@ import os
 
 import torch
 
+from . import safe_load
 from .staging import DIRECT_ALIGNMENT
 from .writer import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, load_op
 
@@ -24,7 +25,7 @@ def read_file(path, *, block_size: int = DEFAULT_BLOCK_SIZE, queue_depth: int = 
     return data
 
 
-def load_file(path, *, map_location=None, weights_only: bool = True, block_size: int = DEFAULT_BLOCK_SIZE,
+def load_file(path, *, map_location=None, trusted: bool = False, block_size: int = DEFAULT_BLOCK_SIZE,
               queue_depth: int = DEFAULT_QUEUE_DEPTH):
     """``torch.load`` of ``path``, reading it with O_DIRECT while it is being deserialized.
 
@@ -37,7 +38,8 @@ def load_file(path, *, map_location=None, weights_only: bool = True, block_size:
     """
     reader, data = _start_reading(path, block_size, queue_depth)
     try:
-        loaded = torch.load(MemoryFile(data, wait=reader.wait), map_location=map_location, weights_only=weights_only)
+        loaded = safe_load.load(MemoryFile(data, wait=reader.wait), path=path, map_location=map_location,
+                                trusted=trusted)
     finally:
         reader.finish()
     return loaded, data

@@ -59,7 +59,7 @@ def test_load_file_streams_and_returns_the_bytes(ext4_dir):
     state = {f"t{i}": torch.randn(300_000) for i in range(8)}
     path = ext4_dir / "big.pt"
     torch.save(state, path)
-    loaded, data = load_file(path, block_size=64 << 10, queue_depth=4)
+    loaded, data = load_file(path, block_size=64 << 10, queue_depth=4)  # weights_only: tensors only
     assert all(torch.equal(loaded[key], value) for key, value in state.items())
     assert bytes(data) == path.read_bytes()
 
