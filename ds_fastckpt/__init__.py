@@ -17,6 +17,7 @@ from .integrity import CheckpointIntegrityError
 from .manifest import ManifestError
 from .op_builder import FastCkptBuilder
 from .safe_load import UnsafeCheckpointError
+from .save_dir_lock import SaveDirLockedError
 from .staging import StagingBuffer
 from .tags import InvalidTagError
 from .writer import AioFileWriter
@@ -40,6 +41,7 @@ __all__ = [
     "ManifestError",
     "OpFdCounters",
     "OpenFd",
+    "SaveDirLockedError",
     "StagingBuffer",
     "UnsafeCheckpointError",
     "UnsafeDeletionError",

@@ -16,7 +16,7 @@ import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 from torch.serialization import get_crc32_options, set_crc32_options
 
-from . import collectives, safe_load
+from . import collectives, safe_load, save_dir_lock
 from .background import BackgroundWriter, snapshot, wait_for
 from .atomicity import atomic_write_bytes, fsync_dir, pending_path, publish_dir
 from .config import FastAioConfig
@@ -121,6 +121,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._manifests: Dict[Path, Optional[Manifest]] = {}
         self._background: Optional[BackgroundWriter] = None
         self._removals: list = []  # (trash path, Future) of removals running on the background writer
+        self._locked_dirs: set = set()  # save_dirs whose lock this engine holds
         if options.async_save:
             self._background = BackgroundWriter()
             _commit_at_exit(self)
@@ -162,6 +163,9 @@ class FastAioCheckpointEngine(CheckpointEngine):
         if self._background is not None:
             self._background.shutdown()
             self._background = None
+        for save_dir in self._locked_dirs:
+            save_dir_lock.release(save_dir)
+        self._locked_dirs.clear()
 
     def create(self, info: CheckpointCommitInfo):
         if self._save is not None and self._save.failed is not None:
@@ -248,7 +252,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
         files = [record for rank_files, _ in gathered for record in rank_files]
         self._on_leader(lambda: self._publish(save, files), f"checkpoint {save.tag!r} was not committed")
         audit_fds(save.save_dir, self.options.fd_audit, f"the save of {save.tag!r} and its rotation",
-                  removing=[trash for trash, future in self._removals if not future.done()])
+                  removing=[trash for trash, future in self._removals if not future.done()],
+                  expected=[save_dir_lock.lock_path(save.save_dir)])
         return True
 
     def verify_before_load(self, tag_dir: Path) -> None:
@@ -310,6 +315,9 @@ class FastAioCheckpointEngine(CheckpointEngine):
 
     def _prepare_pending(self, save: _SaveInProgress) -> None:
         save.save_dir.mkdir(parents=True, exist_ok=True)
+        if save.save_dir not in self._locked_dirs:
+            save_dir_lock.acquire(save.save_dir)
+            self._locked_dirs.add(save.save_dir)
         records = self._scan_settled(save.save_dir)
         ensure_space(save.save_dir, records, lambda: self._free_early(save.save_dir))
         stale = [record for record in records if record.name == save.pending.name]

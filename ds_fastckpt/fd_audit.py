@@ -17,7 +17,8 @@ def describe(entries: List[OpenFd]) -> str:
     return ", ".join(f"fd {entry.fd} -> {entry.target}{' (deleted)' if entry.deleted else ''}" for entry in entries)
 
 
-def audit_fds(save_dir, mode: str, when: str, removing: Iterable[Path] = ()) -> List[OpenFd]:
+def audit_fds(save_dir, mode: str, when: str, removing: Iterable[Path] = (),
+              expected: Iterable[Path] = ()) -> List[OpenFd]:
     """Checks /proc/self/fd for descriptors into ``save_dir`` (deleted files there included).
 
     Args:
@@ -26,6 +27,7 @@ def audit_fds(save_dir, mode: str, when: str, removing: Iterable[Path] = ()) -> 
         when: what just happened, for the message ("save of global_step10").
         removing: retired directories our background writer is removing right now; the directory
             descriptors its ``shutil.rmtree`` holds there are not leaks.
+        expected: files this process keeps open on purpose (the save_dir lock).
 
     Returns:
         The descriptors found (empty with mode "off").
@@ -36,9 +38,10 @@ def audit_fds(save_dir, mode: str, when: str, removing: Iterable[Path] = ()) -> 
     if mode == "off":
         return []
     skipped = [str(path) for path in removing]
+    kept_open = {str(path) for path in expected}
     found = [
-        entry for entry in open_fds_under(save_dir)
-        if not any(entry.target == root or entry.target.startswith(root + "/") for root in skipped)
+        entry for entry in open_fds_under(save_dir) if entry.target not in kept_open
+        and not any(entry.target == root or entry.target.startswith(root + "/") for root in skipped)
     ]
     if found:
         message = f"file descriptors still open into {save_dir} after {when}: {describe(found)}"

@@ -3,12 +3,14 @@
 DeepSpeed picks its checkpoint engine in ``DeepSpeedEngine._configure_checkpointing``
 through the name ``create_checkpoint_engine`` imported into
 ``deepspeed.runtime.engine``; replacing that name makes our engine the one
-whose ``is_data_parallel_writer`` decides ``save_non_zero_checkpoint``. Two
-thin wrappers on ``DeepSpeedEngine`` act only when the engine is ours:
+whose ``is_data_parallel_writer`` decides ``save_non_zero_checkpoint``. Thin
+wrappers on ``DeepSpeedEngine`` act only when the engine is ours:
 ``save_checkpoint`` validates the tag before any filesystem call and lets the
 engine write ``latest`` atomically; ``load_checkpoint`` without a tag resumes
 from the newest complete checkpoint whatever ``latest`` says, and checks the
-files against the manifest first. Installing twice changes nothing.
+files against the manifest first; ``destroy`` also cleans up a synchronous
+engine of ours (DeepSpeed does so for decoupled ones only), which releases
+its save_dir lock. Installing twice changes nothing.
 """
 
 import functools
@@ -37,6 +39,8 @@ def install() -> None:
         DeepSpeedEngine.save_checkpoint = _hook_save(DeepSpeedEngine.save_checkpoint)
     if not getattr(DeepSpeedEngine.load_checkpoint, _MARK, False):
         DeepSpeedEngine.load_checkpoint = _hook_load(DeepSpeedEngine.load_checkpoint)
+    if not getattr(DeepSpeedEngine.destroy, _MARK, False):
+        DeepSpeedEngine.destroy = _hook_destroy(DeepSpeedEngine.destroy)
 
 
 def create_engine(config_params):
@@ -96,6 +100,20 @@ def _hook_save(original):
         return original(*bound.args, **bound.kwargs)
 
     return _mark(save_checkpoint)
+
+
+def _hook_destroy(original):
+
+    @functools.wraps(original)
+    def destroy(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        checkpoint_engine = getattr(self, "checkpoint_engine", None)
+        # DeepSpeed cleans up decoupled engines only; ours also holds the save_dir lock.
+        if isinstance(checkpoint_engine, FastAioCheckpointEngine) and not checkpoint_engine.is_decoupled():
+            checkpoint_engine.cleanup()
+        return result
+
+    return _mark(destroy)
 
 
 def _hook_load(original):

@@ -8,9 +8,9 @@ from ds_fastckpt import registration
 
 def test_install_is_idempotent():
     hooks = (ds_engine_module.create_checkpoint_engine, DeepSpeedEngine.save_checkpoint,
-             DeepSpeedEngine.load_checkpoint)
+             DeepSpeedEngine.load_checkpoint, DeepSpeedEngine.destroy)
     registration.install()
     registration.install()
     assert (ds_engine_module.create_checkpoint_engine, DeepSpeedEngine.save_checkpoint,
-            DeepSpeedEngine.load_checkpoint) == hooks
+            DeepSpeedEngine.load_checkpoint, DeepSpeedEngine.destroy) == hooks
     assert all(getattr(hook, "_ds_fastckpt_hook", False) for hook in hooks)

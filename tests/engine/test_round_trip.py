@@ -62,7 +62,8 @@ def test_saving_the_same_tag_again_replaces_it_completely(tmp_path):
     train(engine, 2)
     engine.save_checkpoint(tmp_path, tag="best")
     saved = full_state(engine)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "latest", "zero_to_fp32.py", "zero_to_torch.py"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds_fastckpt.lock", "best", "latest", "zero_to_fp32.py",
+                                                          "zero_to_torch.py"]
     loader = init_engine(1, {"keep_last": 3}, seed=3)
     loader.load_checkpoint(tmp_path)
     assert_same_state(saved, full_state(loader))

