@@ -122,6 +122,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._background: Optional[BackgroundWriter] = None
         self._removals: list = []  # (trash path, Future) of removals running on the background writer
         self._locked_dirs: set = set()  # save_dirs whose lock this engine holds
+        self._failed_pending: Optional[Path] = None  # pending dir of a save that failed, removed at the next
         if options.async_save:
             self._background = BackgroundWriter()
             _commit_at_exit(self)
@@ -169,15 +170,16 @@ class FastAioCheckpointEngine(CheckpointEngine):
 
     def create(self, info: CheckpointCommitInfo):
         if self._save is not None and self._save.failed is not None:
-            logger.warning("checkpoint %r failed while saving (%s) and was not committed; its pending directory "
-                           "is removed by a later rotation", self._save.tag, self._save.failed)
-            self._save = None
+            logger.warning("checkpoint %r failed while saving (%s) and was not committed; removing its pending "
+                           "directory", self._save.tag, self._save.failed)
+            self._failed_pending, self._save = self._save.pending, None
         self.wait()  # at most one checkpoint in flight
+        abandoned, self._failed_pending = self._failed_pending, None
         tag = validate_tag(info.tag)
         save_dir = Path(info.save_dir).absolute()
         save = _SaveInProgress(save_dir, tag, pending_path(save_dir, tag), self._next_step, self._next_save_latest)
         self._next_step, self._next_save_latest = None, True
-        self._on_leader(lambda: self._prepare_pending(save), f"checkpoint {tag!r} cannot start")
+        self._on_leader(lambda: self._prepare_pending(save, abandoned), f"checkpoint {tag!r} cannot start")
         self._save = save
 
     def makedirs(self, path, exist_ok=False):
@@ -244,9 +246,11 @@ class FastAioCheckpointEngine(CheckpointEngine):
         mine = save.files + [record for record in written if record is not None]
         report = None if failure is None else f"rank {collectives.rank()}: {type(failure).__name__}: {failure}"
         gathered = collectives.all_gather_object((mine, report))
+        reports = [rank_report for _, rank_report in gathered if rank_report]
+        if reports:
+            self._failed_pending = save.pending
         if failure is not None:
             raise failure
-        reports = [rank_report for _, rank_report in gathered if rank_report]
         if reports:
             raise CommitError(f"checkpoint {save.tag!r} was not committed: {reports[0]}")
         files = [record for rank_files, _ in gathered for record in rank_files]
@@ -313,16 +317,22 @@ class FastAioCheckpointEngine(CheckpointEngine):
         if failure is not None:
             logger.warning("a rotated checkpoint could not be removed (%s); the next rotation retries it", failure)
 
-    def _prepare_pending(self, save: _SaveInProgress) -> None:
+    def _prepare_pending(self, save: _SaveInProgress, abandoned: Optional[Path]) -> None:
+        """Leader: lock save_dir, drop a failed save's leftovers, check space, make the pending directory.
+
+        ``abandoned`` is the pending directory of this job's previous save, which failed: no rank
+        writes there any more, and its partial files may hold the space the new save needs.
+        """
         save.save_dir.mkdir(parents=True, exist_ok=True)
         if save.save_dir not in self._locked_dirs:
             save_dir_lock.acquire(save.save_dir)
             self._locked_dirs.add(save.save_dir)
         records = self._scan_settled(save.save_dir)
-        ensure_space(save.save_dir, records, lambda: self._free_early(save.save_dir))
-        stale = [record for record in records if record.name == save.pending.name]
+        stale = [record for record in records if record.name in (save.pending.name, getattr(abandoned, "name", None))]
         for record in stale:
             delete_checkpoint(save.save_dir, record)
+        records = [record for record in records if record not in stale]
+        ensure_space(save.save_dir, records, lambda: self._free_early(save.save_dir))
         save.pending.mkdir()
         # Not fsynced: if a crash loses the pending directory or its marker, no checkpoint is lost.
         write_pending_marker(save.pending, save.tag, newest_sequence(records), fsync=False)
