@@ -7,10 +7,14 @@ LIBAIO_PROBE := printf '\043include <libaio.h>\nint main(void){io_context_t c=0;
 
 EXAMPLE_DIR ?= example_ckpts
 
-.PHONY: test example bench libaio clean
+.PHONY: test test-long example bench libaio clean
 
 test: $(INSTALLED)
 	$(PY) -m pytest tests
+
+# The full-size reliability runs: 500 save+rotate cycles, 200 kills.
+test-long: $(INSTALLED)
+	DS_FASTCKPT_ENDURANCE_CYCLES=500 DS_FASTCKPT_KILLS=200 $(PY) -m pytest tests/reliability
 
 # Trains on 2 CPU ranks with torchrun, saving through fast_aio; run it again to see it resume.
 example: $(INSTALLED)

@@ -16,7 +16,7 @@ import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 from torch.serialization import get_crc32_options, set_crc32_options
 
-from . import collectives, safe_load, save_dir_lock
+from . import collectives, safe_load, save_dir_lock, save_points
 from .background import BackgroundWriter, snapshot, wait_for
 from .atomicity import atomic_write_bytes, fsync_dir, pending_path, publish_dir
 from .config import FastAioConfig
@@ -213,6 +213,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
                 writer.write(payload)
             else:
                 torch.save(payload, writer)
+            save_points.reached("before_file_close")
+        save_points.reached("after_file_write")
         if save is None or not path.is_relative_to(save.pending):
             return None
         return FileRecord(path=path.relative_to(save.pending).as_posix(), bytes=writer.bytes_written,
@@ -280,6 +282,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         retired = [retire(save_dir, record) for record in doomed]
         if retired:
             fsync_dir(save_dir)
+            save_points.reached("mid_rotation")
         for trash in retired:
             if self._background is None:
                 remove_retired(trash)
@@ -358,12 +361,15 @@ class FastAioCheckpointEngine(CheckpointEngine):
         if self.options.fsync:
             for directory, _, _ in os.walk(save.pending):
                 fsync_dir(Path(directory))
+        save_points.reached("before_commit_record")
         write_manifest(save.pending, manifest, fsync=self.options.fsync)
+        save_points.reached("before_publish")
         final = save.save_dir / save.tag
         replaced = publish_dir(save.pending, final, fsync=self.options.fsync)
         self._manifests.pop(final, None)
         if replaced is not None:
             delete_checkpoint(save.save_dir, CheckpointRecord(name=replaced.name, tag=save.tag, leftover="pending"))
+        save_points.reached("before_latest")
         if save.save_latest:
             atomic_write_bytes(save.save_dir / LATEST_NAME, save.tag.encode(), fsync=self.options.fsync)
         self.rotate(save.save_dir, protected={save.tag})
