@@ -88,6 +88,3 @@ def _exchange(first: Path, second: Path) -> None:
         err = ctypes.get_errno()
         raise OSError(err, f"{os.strerror(err)} (renameat2 RENAME_EXCHANGE with {first})", str(second))
 
-
-def is_internal_name(name: str) -> bool:
-    return tag_of_internal_name(name) is not None

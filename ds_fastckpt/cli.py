@@ -22,6 +22,7 @@ from .deleter import delete_checkpoint
 from .preservation_policy import checkpoints_to_delete
 from .records import CheckpointRecord, scan
 from .resume import read_latest
+from .cli_output import say, warn
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -33,7 +34,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.run(args)
     except (OSError, ConfigError, ValueError) as error:
-        print(f"ds-fastckpt {args.command}: {error}", file=sys.stderr)
+        warn(f"ds-fastckpt {args.command}: {error}")
         return 1
 
 
@@ -136,17 +137,17 @@ def _ls(args) -> int:
         keep_last, keep_every = options.keep_last, options.keep_every
     rows = _rows(save_dir, keep_last, keep_every)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        say(json.dumps(rows, indent=1))
         return 0
     header = f"{'TAG':<24} {'STEP':>8} {'STATE':<17} {'SIZE':>10} {'FILES':>5} {'AGE':>8}  NOTE"
-    print(header)
+    say(header)
     for row in rows:
         notes = [text for flag, text in ((row["latest"], "latest"), (row["next_to_delete"], "next to rotate")) if flag]
         step = "-" if row["step"] is None else row["step"]
-        print(f"{row['tag']:<24} {step:>8} {row['state']:<17} {_size(row['bytes']):>10} {row['files']:>5} "
+        say(f"{row['tag']:<24} {step:>8} {row['state']:<17} {_size(row['bytes']):>10} {row['files']:>5} "
               f"{_age(row['age_s']):>8}  {', '.join(notes)}")
     if not rows:
-        print(f"(no ds_fastckpt checkpoints in {save_dir})")
+        say(f"(no ds_fastckpt checkpoints in {save_dir})")
     return 0
 
 
@@ -156,12 +157,12 @@ def _prune(args) -> int:
     doomed = checkpoints_to_delete(scan(save_dir), args.keep_last, args.keep_every, {latest} - {None})
     for record in doomed:
         if args.dry_run:
-            print(f"would delete {save_dir / record.name}")
+            say(f"would delete {save_dir / record.name}")
         else:
             delete_checkpoint(save_dir, record)
-            print(f"deleted {save_dir / record.name}")
+            say(f"deleted {save_dir / record.name}")
     if not doomed:
-        print("nothing to delete")
+        say("nothing to delete")
     return 0
 
 

@@ -21,6 +21,7 @@ import torch
 from torch.serialization import get_crc32_options, set_crc32_options
 
 from .writer import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, AioFileWriter, load_op
+from .cli_output import say
 
 _UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
 
@@ -84,7 +85,7 @@ def _methods(state, nbytes: int):
     return {"raw O_DIRECT": raw, "AioFileWriter": aio, "torch.save+fsync": torch_save, "dcp.save sync_files": dcp}
 
 
-def measure(directory: Path, nbytes: int, rounds: int, report=print):
+def measure(directory: Path, nbytes: int, rounds: int, report=say):
     """Median GB/s of each method, keyed by method name."""
     state = _state_dict(nbytes)
     nbytes = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
@@ -111,13 +112,13 @@ def run(args) -> int:
         raise ValueError(f"--rounds {args.rounds} is not allowed: use 1 or more")
     gbps, nbytes = measure(args.dir, args.size, args.rounds)
     ceiling, baseline = gbps["raw O_DIRECT"], gbps["torch.save+fsync"]
-    print(f"\n{nbytes / (1 << 30):.2f} GiB state dict in {args.dir}, median of {args.rounds} interleaved rounds")
-    print(f"{'method':<22}{'GB/s':>8}{'vs ceiling':>12}{'vs torch.save':>15}")
+    say(f"\n{nbytes / (1 << 30):.2f} GiB state dict in {args.dir}, median of {args.rounds} interleaved rounds")
+    say(f"{'method':<22}{'GB/s':>8}{'vs ceiling':>12}{'vs torch.save':>15}")
     for name, value in gbps.items():
-        print(f"{name:<22}{value:>8.2f}{value / ceiling:>11.2f}x{value / baseline:>14.2f}x")
+        say(f"{name:<22}{value:>8.2f}{value / ceiling:>11.2f}x{value / baseline:>14.2f}x")
     if args.plot is not None:
         _plot(gbps, nbytes, args.plot)
-        print(f"plot written to {args.plot}")
+        say(f"plot written to {args.plot}")
     return 0
 
 

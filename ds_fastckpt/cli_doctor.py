@@ -6,6 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, List, Tuple
+from .cli_output import say
 
 Check = Tuple[bool, str, str]  # passed, what was found, what to do about it
 
@@ -91,9 +92,9 @@ def run(args) -> int:
     failed = 0
     for check in checks:
         passed, found, fix = check()
-        print(f"{'ok  ' if passed else 'FAIL'} {found}")
+        say(f"{'ok  ' if passed else 'FAIL'} {found}")
         if not passed:
             failed += 1
-            print(f"     fix: {fix}")
-    print("all checks passed" if not failed else f"{failed} check(s) failed")
+            say(f"     fix: {fix}")
+    say("all checks passed" if not failed else f"{failed} check(s) failed")
     return 0 if not failed else 1

@@ -7,6 +7,7 @@ from typing import List, Tuple
 from .manifest import FileRecord
 from .records import scan
 from .writer import load_op
+from .cli_output import say, warn
 
 _CHUNK = 8 << 20
 
@@ -29,7 +30,7 @@ class _Progress:
     def file_done(self, path: Path) -> None:
         self._files_done += 1
         if self._bar is None:
-            print(f"verified {self._files_done}/{self._total_files}: {path}", file=sys.stderr)
+            warn(f"verified {self._files_done}/{self._total_files}: {path}")
 
     def close(self) -> None:
         if self._bar is not None:
@@ -81,9 +82,9 @@ def run(args) -> int:
     finally:
         progress.close()
     for line in problems:
-        print(line)
+        say(line)
     if problems:
-        print(f"{len(problems)} problem(s) found in {save_dir}")
+        say(f"{len(problems)} problem(s) found in {save_dir}")
         return 1
-    print(f"all {len(files)} files of {len(targets)} checkpoint(s) in {save_dir} are intact")
+    say(f"all {len(files)} files of {len(targets)} checkpoint(s) in {save_dir} are intact")
     return 0

@@ -9,6 +9,12 @@ def _initialized() -> bool:
     return dist.is_initialized()
 
 
+def _alone() -> bool:
+    """No other rank to talk to: no process group, or a world of one (then collectives are skipped,
+    which also keeps them out of interpreter exit, where process-group teardown races)."""
+    return not _initialized() or dist.get_world_size() == 1
+
+
 def rank() -> int:
     return dist.get_rank() if _initialized() else 0
 
@@ -17,24 +23,11 @@ def world_size() -> int:
     return dist.get_world_size() if _initialized() else 1
 
 
-def barrier() -> None:
-    if _initialized():
-        dist.barrier()
-
-
 def all_gather_object(obj: Any) -> List[Any]:
     """``obj`` from every rank, in rank order."""
-    if not _initialized():
+    if _alone():
         return [obj]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
 
-
-def broadcast_from_rank0(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not _initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

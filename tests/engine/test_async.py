@@ -90,7 +90,8 @@ def test_interpreter_exit_commits_the_checkpoint_in_flight(tmp_path):
               "train(engine, 2)\n"
               f"engine.save_checkpoint({str(tmp_path)!r})\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, capture_output=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
     assert complete_tags(tmp_path) == ["global_step2"]
     assert (tmp_path / "latest").read_text() == "global_step2"
 
