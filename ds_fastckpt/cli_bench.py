@@ -18,9 +18,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.serialization import get_crc32_options, set_crc32_options
 
-from .writer import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, AioFileWriter, load_op
+from .writer import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, AioFileWriter, load_op, torch_zip_crc32
 from .cli_output import say
 
 _UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
@@ -61,13 +60,8 @@ def _methods(state, nbytes: int):
                          True)
 
     def aio(path):
-        previous = get_crc32_options()
-        set_crc32_options(False)
-        try:
-            with AioFileWriter(path) as writer:
-                torch.save(state, writer)
-        finally:
-            set_crc32_options(previous)
+        with torch_zip_crc32(False), AioFileWriter(path) as writer:
+            torch.save(state, writer)
 
     def torch_save(path):
         with open(path, "wb") as file:

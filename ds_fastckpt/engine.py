@@ -1,7 +1,6 @@
 """The ``fast_aio`` checkpoint engine: DeepSpeed's engine protocol over AioFileWriter, with atomic commit."""
 
 import atexit
-import contextlib
 import logging
 import os
 import socket
@@ -14,7 +13,6 @@ from typing import Dict, List, Optional
 import deepspeed
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
-from torch.serialization import get_crc32_options, set_crc32_options
 
 from . import collectives, safe_load, save_dir_lock, save_points
 from .background import BackgroundWriter, snapshot, wait_for
@@ -32,7 +30,7 @@ from .records import CheckpointRecord, newest_sequence, scan
 from .resume import LATEST_NAME, read_latest
 from .staging import StagingBuffer
 from .tags import validate_tag
-from .writer import AioFileWriter, load_op
+from .writer import AioFileWriter, load_op, torch_zip_crc32
 
 logger = logging.getLogger(__name__)
 
@@ -200,13 +198,13 @@ class FastAioCheckpointEngine(CheckpointEngine):
                 save.files.append(record)
             return
         if self.options.snapshot:
-            with _torch_zip_crc32(self.options.torch_crc32):
+            with torch_zip_crc32(self.options.torch_crc32):
                 state_dict = snapshot(state_dict)
         save.pending_writes.append(self._background.submit(self._write_file, state_dict, Path(target or path), save))
 
     def _write_file(self, payload, path: Path, save: Optional[_SaveInProgress]) -> Optional[FileRecord]:
         """Writes one file durably: a state dict through torch.save, or bytes serialized earlier."""
-        with _torch_zip_crc32(self.options.torch_crc32), \
+        with torch_zip_crc32(self.options.torch_crc32), \
                 AioFileWriter(path, staging=self._staging_buffer(), fsync=self.options.fsync,
                               **self.tuning) as writer:
             if isinstance(payload, bytes):
@@ -222,15 +220,14 @@ class FastAioCheckpointEngine(CheckpointEngine):
 
     def load(self, path: str, map_location=None):
         path = Path(path)
+        # verify_before_load has already checked that every file exists with its recorded size.
         record = self._record_for(path) if self.options.verify != "off" else None
-        if record is not None:
-            check_size(path, record)
         if record is None or self.options.verify == "size":
             # Reading and deserializing overlap; a size check needs nothing more.
             loaded, data = load_file(path, map_location=map_location, trusted=self.options.trusted_pickles,
                                      **self.tuning)
             if record is not None:
-                check_size(path, record, size=len(data))  # the file may have changed since the check above
+                check_size(path, record, size=len(data))  # the file may have changed since that check
             return loaded
         # "checksum": every byte is checked before torch.load sees any, so damage is reported as such.
         data = read_file(path, **self.tuning)
@@ -423,17 +420,6 @@ def _commit_at_exit(engine: FastAioCheckpointEngine) -> None:
             logger.exception("ds_fastckpt could not commit the checkpoint in flight at exit")
 
     atexit.register(commit_in_flight)
-
-
-@contextlib.contextmanager
-def _torch_zip_crc32(enabled: bool):
-    """torch's process-wide zip CRC32 switch, set for one save and restored after it."""
-    previous = get_crc32_options()
-    set_crc32_options(enabled)
-    try:
-        yield
-    finally:
-        set_crc32_options(previous)
 
 
 def _version() -> str:

@@ -1,10 +1,13 @@
 """``AioFileWriter``: a write-only file object that ``torch.save`` writes through libaio + O_DIRECT."""
 
+import contextlib
 import functools
 import io
 import logging
 import os
 from typing import Optional
+
+from torch.serialization import get_crc32_options, set_crc32_options
 
 from .op_builder import FastCkptBuilder
 from .staging import DIRECT_ALIGNMENT, StagingBuffer
@@ -23,6 +26,21 @@ _warned_buffered_dirs = set()
 def load_op():
     """The native op, built or loaded once per process."""
     return FastCkptBuilder().load()
+
+
+@contextlib.contextmanager
+def torch_zip_crc32(enabled: bool):
+    """Sets torch's process-wide zip CRC32 switch for the block and restores it after.
+
+    ``torch.save`` computes that CRC on the calling thread (about 2 GB/s here) and ``torch.load``
+    never checks it; the op's own CRC-32C covers every byte written through AioFileWriter.
+    """
+    previous = get_crc32_options()
+    set_crc32_options(enabled)
+    try:
+        yield
+    finally:
+        set_crc32_options(previous)
 
 
 def _check_positive_multiple(name: str, value, multiple: int) -> None:
