@@ -9,9 +9,12 @@ without touching anything else.
 """
 
 import ctypes
+import logging
 import os
 from pathlib import Path
 from typing import Optional
+
+logger = logging.getLogger(__name__)
 
 PENDING_SUFFIX = ".ds_fastckpt-tmp"
 TRASH_SUFFIX = ".ds_fastckpt-trash"
@@ -39,9 +42,18 @@ def fsync_dir(path: Path) -> None:
     """Makes the entries of ``path`` (creations, renames, unlinks) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        _fsync(fd, path)
     finally:
         os.close(fd)
+
+
+def _fsync(fd: int, path: Path) -> None:
+    """os.fsync, with the path in its error (fsync's own names no file). Never retried: after a failed
+    fsync the kernel may have dropped the dirty pages, so a second call can succeed with the data lost."""
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        raise OSError(error.errno, f"{error.strerror} (fsync)", str(path)) from None
 
 
 def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
@@ -49,14 +61,18 @@ def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
     tmp = path.with_name(f".{path.name}{PENDING_SUFFIX}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if fsync:
+                _fsync(fd, tmp)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # ours; `path` keeps its old content
+        raise
     if fsync:
         fsync_dir(path.parent)
 
@@ -66,20 +82,40 @@ def publish_dir(pending: Path, final: Path, fsync: bool = True) -> Optional[Path
 
     When ``final`` already exists (a tag saved again) the two are exchanged
     atomically, so ``final`` is never missing; the old directory then sits at
-    the pending name and is returned for the caller to delete.
+    the pending name and is returned for the caller to delete. When the fsync
+    of the parent directory fails, the rename is undone before the error is
+    raised: a checkpoint whose commit raised must not be what resumes.
 
     Raises:
-        OSError: from rename/renameat2, with errno and path.
+        OSError: from rename/renameat2 or fsync, with errno and path.
     """
-    replaced = None
-    if os.path.lexists(final):
+    exchanged = os.path.lexists(final)
+    if exchanged:
         _exchange(pending, final)
-        replaced = pending
     else:
         os.rename(pending, final)
     if fsync:
-        fsync_dir(final.parent)
-    return replaced
+        try:
+            fsync_dir(final.parent)
+        except OSError:
+            undo_publish(pending, final, exchanged)
+            raise
+    return pending if exchanged else None
+
+
+def undo_publish(pending: Path, final: Path, exchanged: bool) -> None:
+    """Puts ``final`` back at ``pending`` and, if it replaced a directory, that one back at ``final``.
+
+    For a commit that failed after its rename. Best effort: the error that
+    failed the commit is the one to report, so a failure here is logged.
+    """
+    try:
+        if exchanged:
+            _exchange(pending, final)
+        else:
+            os.rename(final, pending)
+    except OSError as error:
+        logger.error("could not undo the publication of %s after its commit failed: %s", final, error)
 
 
 def _exchange(first: Path, second: Path) -> None:

@@ -10,6 +10,7 @@ libaio tuning (``block_size``, ``queue_depth``) comes from DeepSpeed's own
 top-level ``"aio"`` section. Defaults live here and nowhere else.
 """
 
+import math
 from typing import Any, Dict, Literal, Mapping, Union
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
@@ -71,11 +72,15 @@ class FastAioConfig(DeepSpeedConfigModel):
     async_timeout_s: Union[StrictInt, StrictFloat] = 1800
     """With ``async``: how long a commit waits for the background writer before failing."""
 
-    @field_validator("async_timeout_s")
+    commit_timeout_s: Union[StrictInt, StrictFloat] = 1800
+    """With several ranks: how long a rank waits at the start and at the commit of a save for the
+    others (still writing, or dead) before the save fails with ``CommitError`` on it."""
+
+    @field_validator("async_timeout_s", "commit_timeout_s")
     @classmethod
     def _positive(cls, value):
-        if value <= 0:
-            raise ValueError("not positive")
+        if not 0 < value < math.inf:  # also refuses NaN
+            raise ValueError("not a finite positive number")
         return value
 
     @field_validator("keep_last", "keep_every")
@@ -104,7 +109,8 @@ _ALLOWED = {
     "trusted_pickles": "true or false",
     "async": "true or false",
     "snapshot": "true or false",
-    "async_timeout_s": "a number of seconds > 0",
+    "async_timeout_s": "a finite number of seconds > 0",
+    "commit_timeout_s": "a finite number of seconds > 0",
 }
 
 

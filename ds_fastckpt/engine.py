@@ -16,7 +16,7 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointComm
 
 from . import collectives, safe_load, save_dir_lock, save_points
 from .background import BackgroundWriter, snapshot, wait_for
-from .atomicity import atomic_write_bytes, fsync_dir, pending_path, publish_dir
+from .atomicity import atomic_write_bytes, fsync_dir, pending_path, publish_dir, undo_publish
 from .config import FastAioConfig
 from .deleter import delete_checkpoint, remove_retired, retire
 from .disk_guard import ensure_space
@@ -50,7 +50,7 @@ class _SaveInProgress:
     save_latest: bool
     files: List[FileRecord] = field(default_factory=list)
     pending_writes: list = field(default_factory=list)  # Futures of FileRecord or None, async mode only
-    failed: Optional[BaseException] = None  # a synchronous write that raised: never committed
+    failed: Optional[BaseException] = None  # this rank's first error in this save: it is never committed
 
     def redirect(self, path) -> Optional[Path]:
         """Where a path inside ``save_dir/tag`` is written while the save is pending, or None."""
@@ -121,6 +121,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._removals: list = []  # (trash path, Future) of removals running on the background writer
         self._locked_dirs: set = set()  # save_dirs whose lock this engine holds
         self._failed_pending: Optional[Path] = None  # pending dir of a save that failed, removed at the next
+        self._group = collectives.bounded_group(options.commit_timeout_s)
         if options.async_save:
             self._background = BackgroundWriter()
             _commit_at_exit(self)
@@ -166,8 +167,14 @@ class FastAioCheckpointEngine(CheckpointEngine):
             save_dir_lock.release(save_dir)
         self._locked_dirs.clear()
 
+    def save_aborted(self, error: BaseException) -> None:
+        """Called when DeepSpeed's ``save_checkpoint`` raised: the checkpoint it was writing is never committed."""
+        if self._save is not None and self._save.failed is None:
+            self._save.failed = error
+
     def create(self, info: CheckpointCommitInfo):
-        if self._save is not None and self._save.failed is not None:
+        if self._save is not None and self._save.failed is not None and not self.is_decoupled():
+            # save_checkpoint raised before commit on this rank; async saves report it at their commit instead
             logger.warning("checkpoint %r failed while saving (%s) and was not committed; removing its pending "
                            "directory", self._save.tag, self._save.failed)
             self._failed_pending, self._save = self._save.pending, None
@@ -186,21 +193,23 @@ class FastAioCheckpointEngine(CheckpointEngine):
 
     def save(self, state_dict, path: str):
         save = self._save
-        target = save.redirect(path) if save is not None else None
-        if self._background is None or save is None:
-            try:
-                record = self._write_file(state_dict, Path(target or path), save)
-            except BaseException as error:
-                if save is not None:
-                    save.failed = error
-                raise
-            if record is not None:
-                save.files.append(record)
+        if save is None:  # outside save_checkpoint: a plain durable write, nothing to commit
+            self._write_file(state_dict, Path(path), None)
             return
-        if self.options.snapshot:
-            with torch_zip_crc32(self.options.torch_crc32):
-                state_dict = snapshot(state_dict)
-        save.pending_writes.append(self._background.submit(self._write_file, state_dict, Path(target or path), save))
+        if save.failed is not None:
+            return  # this checkpoint already failed on this rank; writing more of it is wasted
+        target = save.redirect(path) or Path(path)
+        try:
+            if self._background is None:
+                save.files.extend(filter(None, [self._write_file(state_dict, target, save)]))
+                return
+            if self.options.snapshot:
+                with torch_zip_crc32(self.options.torch_crc32):
+                    state_dict = snapshot(state_dict)
+            save.pending_writes.append(self._background.submit(self._write_file, state_dict, target, save))
+        except Exception as error:  # commit() raises it, once every rank has heard, so that none waits for us
+            save.failed = error
+            logger.error("writing %s failed; checkpoint %r will not be committed: %s", target, save.tag, error)
 
     def _write_file(self, payload, path: Path, save: Optional[_SaveInProgress]) -> Optional[FileRecord]:
         """Writes one file durably: a state dict through torch.save, or bytes serialized earlier."""
@@ -244,16 +253,17 @@ class FastAioCheckpointEngine(CheckpointEngine):
         failure = save.failed or failure
         mine = save.files + [record for record in written if record is not None]
         report = None if failure is None else f"rank {collectives.rank()}: {type(failure).__name__}: {failure}"
-        gathered = collectives.all_gather_object((mine, report))
+        not_committed = f"checkpoint {save.tag!r} was not committed"
+        self._failed_pending = save.pending  # until it is published, the next save removes it
+        gathered = self._gather((mine, report), not_committed)
         reports = [rank_report for _, rank_report in gathered if rank_report]
-        if reports:
-            self._failed_pending = save.pending
         if failure is not None:
             raise failure
         if reports:
-            raise CommitError(f"checkpoint {save.tag!r} was not committed: {reports[0]}")
+            raise CommitError(f"{not_committed}: {reports[0]}")
         files = [record for rank_files, _ in gathered for record in rank_files]
-        self._on_leader(lambda: self._publish(save, files), f"checkpoint {save.tag!r} was not committed")
+        self._on_leader(lambda: self._publish(save, files), not_committed)
+        self._failed_pending = None
         audit_fds(save.save_dir, self.options.fd_audit, f"the save of {save.tag!r} and its rotation",
                   removing=[trash for trash, future in self._removals if not future.done()],
                   expected=[save_dir_lock.lock_path(save.save_dir)])
@@ -298,11 +308,21 @@ class FastAioCheckpointEngine(CheckpointEngine):
             except Exception as caught:  # re-raised below, after every rank has heard of it
                 error = caught
         report = None if error is None else f"{type(error).__name__}: {error}"
-        reports = [message for message in collectives.all_gather_object(report) if message]
+        reports = [message for message in self._gather(report, failure) if message]
         if error is not None:
             raise error
         if reports:
             raise CommitError(f"{failure}: {reports[0]}")
+
+    def _gather(self, obj, failure: str) -> list:
+        """``obj`` from every rank; a rank that does not join within ``commit_timeout_s`` fails the save."""
+        try:
+            return collectives.all_gather_object(obj, self._group)
+        except collectives.CollectiveError as error:
+            raise CommitError(f"{failure}: not every rank joined within commit_timeout_s="
+                              f"{self.options.commit_timeout_s} s (a rank died, hung or failed outside the "
+                              f"checkpoint engine); restart the job to resume from the last complete checkpoint: "
+                              f"{error}") from error
 
     def _scan_settled(self, save_dir: Path) -> List[CheckpointRecord]:
         """``scan`` without the retired directories the background writer is still removing."""
@@ -362,14 +382,39 @@ class FastAioCheckpointEngine(CheckpointEngine):
         write_manifest(save.pending, manifest, fsync=self.options.fsync)
         save_points.reached("before_publish")
         final = save.save_dir / save.tag
+        latest = save.save_dir / LATEST_NAME
+        previous_latest = _read_if_exists(latest) if save.save_latest else None
         replaced = publish_dir(save.pending, final, fsync=self.options.fsync)
         self._manifests.pop(final, None)
-        if replaced is not None:
-            delete_checkpoint(save.save_dir, CheckpointRecord(name=replaced.name, tag=save.tag, leftover="pending"))
         save_points.reached("before_latest")
         if save.save_latest:
-            atomic_write_bytes(save.save_dir / LATEST_NAME, save.tag.encode(), fsync=self.options.fsync)
-        self.rotate(save.save_dir, protected={save.tag})
+            self._write_latest(save, final, replaced, previous_latest)
+        # Committed. What follows only frees space: a failure there is logged and retried by the next save.
+        try:
+            if replaced is not None:
+                delete_checkpoint(save.save_dir, CheckpointRecord(name=replaced.name, tag=save.tag, leftover="pending"))
+            self.rotate(save.save_dir, protected={save.tag})
+        except OSError as error:
+            logger.error("checkpoint %r is committed, but removing old checkpoints failed (the next save retries): "
+                         "%s", save.tag, error)
+
+    def _write_latest(self, save: _SaveInProgress, final: Path, replaced: Optional[Path],
+                      previous: Optional[bytes]) -> None:
+        """Points ``latest`` at the new tag; if that fails, undoes the publication and ``latest``, and raises."""
+        latest = save.save_dir / LATEST_NAME
+        try:
+            atomic_write_bytes(latest, save.tag.encode(), fsync=self.options.fsync)
+        except OSError:
+            undo_publish(save.pending, final, exchanged=replaced is not None)
+            self._manifests.pop(final, None)
+            try:
+                if previous is None:
+                    latest.unlink(missing_ok=True)
+                else:
+                    atomic_write_bytes(latest, previous, fsync=False)
+            except OSError as error:
+                logger.error("could not restore %s after the commit of %r failed: %s", latest, save.tag, error)
+            raise
 
     def _manifest_of(self, tag_dir: Path) -> Optional[Manifest]:
         if tag_dir not in self._manifests:
@@ -420,6 +465,13 @@ def _commit_at_exit(engine: FastAioCheckpointEngine) -> None:
             logger.exception("ds_fastckpt could not commit the checkpoint in flight at exit")
 
     atexit.register(commit_in_flight)
+
+
+def _read_if_exists(path: Path) -> Optional[bytes]:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _version() -> str:

@@ -5,8 +5,9 @@ through the name ``create_checkpoint_engine`` imported into
 ``deepspeed.runtime.engine``; replacing that name makes our engine the one
 whose ``is_data_parallel_writer`` decides ``save_non_zero_checkpoint``. Thin
 wrappers on ``DeepSpeedEngine`` act only when the engine is ours:
-``save_checkpoint`` validates the tag before any filesystem call and lets the
-engine write ``latest`` atomically; ``load_checkpoint`` without a tag resumes
+``save_checkpoint`` validates the tag before any filesystem call, lets the
+engine write ``latest`` atomically, and marks a checkpoint whose save raised
+so it is never committed; ``load_checkpoint`` without a tag resumes
 from the newest complete checkpoint whatever ``latest`` says, and checks the
 files against the manifest first; ``destroy`` also cleans up a synchronous
 engine of ours (DeepSpeed does so for decoupled ones only), which releases
@@ -97,7 +98,11 @@ def _hook_save(original):
         validate_tag(f"global_step{self.global_steps}" if tag is None else tag)
         self.checkpoint_engine.prepare_save(step=self.global_steps, save_latest=bound.arguments["save_latest"])
         bound.arguments["save_latest"] = False  # the engine writes it, atomically, in commit()
-        return original(*bound.args, **bound.kwargs)
+        try:
+            return original(*bound.args, **bound.kwargs)
+        except BaseException as error:
+            self.checkpoint_engine.save_aborted(error)  # a half-written checkpoint is never committed later
+            raise
 
     return _mark(save_checkpoint)
 

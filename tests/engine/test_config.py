@@ -16,6 +16,8 @@ from tests.ds_helpers import init_engine
     ({"io_buffer_size": 1000}, "checkpoint.fast_aio.io_buffer_size=1000 is not allowed: it must be a positive "
      "multiple of 4096"),
     ({"io_buffer_size": 0}, "checkpoint.fast_aio.io_buffer_size=0 is not allowed"),
+    ({"commit_timeout_s": 0}, "checkpoint.fast_aio.commit_timeout_s=0 is not allowed: it must be a finite number"),
+    ({"commit_timeout_s": float("nan")}, "checkpoint.fast_aio.commit_timeout_s=nan is not allowed"),
     ({"keep_lst": 3}, "checkpoint.fast_aio has unknown key\\(s\\) 'keep_lst': allowed keys are keep_last"),
     ([1, 2], "checkpoint.fast_aio=\\[1, 2\\] is not allowed: it must be an object"),
 ])

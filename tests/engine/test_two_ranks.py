@@ -81,3 +81,17 @@ def test_injected_leak_is_caught_on_every_rank(reports):
         leak = report["injected_leak"]
         assert leak["leaked"] >= 1
         assert leak["message"] and "file descriptors still open into" in leak["message"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_failing_write_on_one_rank_fails_the_save_on_every_rank(reports, mode):
+    rank0, rank1 = (report["failing_write"][mode] for report in reports[0])
+    assert rank1["raised"]["type"] == "OSError" and rank1["raised"]["errno"] == 5
+    assert ".global_step2.ds_fastckpt-tmp/zero_pp_rank_1_mp_rank_00_optim_states.pt" in rank1["raised"]["message"]
+    assert rank0["raised"]["type"] == "CommitError"
+    assert "checkpoint 'global_step2' was not committed: rank 1: OSError: [Errno 5]" in rank0["raised"]["message"]
+    for result in (rank0, rank1):
+        assert result["latest_after_failure"] == "global_step1"
+    # Training went on and the next save committed (an async failure surfaces in engine.step(), which raised).
+    assert rank0["latest_after_next"] == rank1["latest_after_next"] == "global_step3"
+    assert rank0["dirs"] == ["global_step1", "global_step3"]

@@ -6,6 +6,7 @@
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from ds_fastckpt import deleted_fds_under, open_fds_under
@@ -132,6 +133,32 @@ def injected_leak(save_dir: Path) -> dict:
     return {"leaked": len(leaked), "message": message}
 
 
+def failing_write_on_one_rank(save_dir: Path, rank: int, async_save: bool) -> dict:
+    """Rank 1's write fails with EIO: every rank must raise at the commit (none waits), then train and save on."""
+    import errno
+
+    from ds_fastckpt.fault_injection import inject_fault
+
+    engine = init_engine(2, {"keep_last": 2, "async": async_save})
+    train(engine, 1)
+    engine.save_checkpoint(save_dir)
+    train(engine, 1)  # commits an async save
+    raised = None
+    try:
+        with inject_fault("write", errno.EIO) if rank == 1 else nullcontext():
+            engine.save_checkpoint(save_dir)
+            if async_save:
+                train(engine, 1)  # the commit, where an async failure surfaces
+    except Exception as error:
+        raised = {"type": type(error).__name__, "message": str(error), "errno": getattr(error, "errno", None)}
+    latest_after_failure = (save_dir / "latest").read_text()
+    train(engine, 1)
+    engine.save_checkpoint(save_dir)
+    engine.destroy()
+    return {"raised": raised, "latest_after_failure": latest_after_failure, "latest_after_next": (save_dir /
+            "latest").read_text(), "dirs": sorted(p.name for p in save_dir.iterdir() if p.is_dir())}
+
+
 def main():
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
@@ -142,6 +169,8 @@ def main():
     report["broken_latest"] = broken_latest(out / "rotation", rank)
     report["keep_last_one"] = keep_last_one(out / "keep_last_one")
     report["injected_leak"] = injected_leak(out / "leak")
+    report["failing_write"] = {mode: failing_write_on_one_rank(out / f"failing_write_{mode}", rank, mode == "async")
+                               for mode in ("sync", "async")}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
