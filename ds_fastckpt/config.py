@@ -60,6 +60,11 @@ class FastAioConfig(DeepSpeedConfigModel):
     checkpoint could run code. Turn on only for checkpoints you trust that hold objects beyond
     DeepSpeed's own (see ``ds_fastckpt.safe_load``)."""
 
+    skip_damaged_on_resume: StrictBool = False
+    """``load_checkpoint(dir)`` without a tag: check checkpoints newest first (sizes and archive ends; CRC-32C
+    too with ``verify`` "checksum") and resume from the newest intact one, with a warning naming what was
+    skipped. Off by default: a damaged newest checkpoint raises, so training never silently goes back."""
+
     async_save: StrictBool = Field(False, alias="async")
     """Write in the background: ``save_checkpoint`` returns at once; the commit happens at the next
     optimizer step (DeepSpeed's decoupled-engine protocol), ``engine.destroy()``, ``ds_fastckpt.wait(engine)``
@@ -107,6 +112,7 @@ _ALLOWED = {
     "io_buffer_size": f"a positive multiple of {DIRECT_ALIGNMENT}",
     "torch_crc32": "true or false",
     "trusted_pickles": "true or false",
+    "skip_damaged_on_resume": "true or false",
     "async": "true or false",
     "snapshot": "true or false",
     "async_timeout_s": "a finite number of seconds > 0",

@@ -8,28 +8,26 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import deepspeed
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
-from . import collectives, safe_load, save_dir_lock, save_points
+from . import collectives, save_dir_lock, save_points
 from .background import BackgroundWriter, snapshot, wait_for
 from .atomicity import atomic_write_bytes, fsync_dir, pending_path, publish_dir, undo_publish
 from .config import FastAioConfig
 from .deleter import delete_checkpoint, remove_retired, retire
 from .disk_guard import ensure_space
 from .fd_audit import audit_fds
-from .integrity import check_checksum, check_size, check_sizes
-from .manifest import (MANIFEST_NAME, PENDING_MARKER_NAME, FileRecord, Manifest, read_manifest, write_manifest,
-                       write_pending_marker)
+from .manifest import PENDING_MARKER_NAME, FileRecord, Manifest, write_manifest, write_pending_marker
 from .preservation_policy import checkpoints_to_delete
-from .reader import MemoryFile, load_file, read_file
 from .records import CheckpointRecord, newest_sequence, scan
-from .resume import LATEST_NAME, read_latest
+from .resume import LATEST_NAME, choose_resume_tag, read_latest
 from .staging import StagingBuffer
 from .tags import validate_tag
+from .verified_load import VerifiedLoader
 from .writer import AioFileWriter, load_op, torch_zip_crc32
 
 logger = logging.getLogger(__name__)
@@ -116,7 +114,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._save: Optional[_SaveInProgress] = None
         self._next_step: Optional[int] = None
         self._next_save_latest = True
-        self._manifests: Dict[Path, Optional[Manifest]] = {}
+        self._loader = VerifiedLoader(options, tuning, self._gather, node_local=node_local)
         self._background: Optional[BackgroundWriter] = None
         self._removals: list = []  # (trash path, Future) of removals running on the background writer
         self._locked_dirs: set = set()  # save_dirs whose lock this engine holds
@@ -228,22 +226,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
                           crc32c=writer.checksum, rank=collectives.rank(), host=self._host)
 
     def load(self, path: str, map_location=None):
-        path = Path(path)
-        # verify_before_load has already checked that every file exists with its recorded size.
-        record = self._record_for(path) if self.options.verify != "off" else None
-        if record is None or self.options.verify == "size":
-            # Reading and deserializing overlap; a size check needs nothing more.
-            loaded, data = load_file(path, map_location=map_location, trusted=self.options.trusted_pickles,
-                                     **self.tuning)
-            if record is not None:
-                check_size(path, record, size=len(data))  # the file may have changed since that check
-            return loaded
-        # "checksum": every byte is checked before torch.load sees any, so damage is reported as such.
-        data = read_file(path, **self.tuning)
-        check_size(path, record, size=len(data))
-        check_checksum(path, record, load_op().crc32c(data))
-        return safe_load.load(MemoryFile(data), path=path, map_location=map_location,
-                              trusted=self.options.trusted_pickles)
+        return self._loader.load(Path(path), map_location=map_location)
 
     def commit(self, info: CheckpointCommitInfo):
         save, self._save = self._save, None
@@ -270,11 +253,22 @@ class FastAioCheckpointEngine(CheckpointEngine):
         return True
 
     def verify_before_load(self, tag_dir: Path) -> None:
-        """Checks sizes (and existence) of every file of a manifest-carrying tag dir, as ``verify`` says."""
-        self._manifests.pop(tag_dir, None)  # another job may have saved this tag again since
-        manifest = self._manifest_of(tag_dir)
-        if manifest is not None and self.options.verify != "off":
-            check_sizes(tag_dir, manifest)
+        """Checks the files of a manifest-carrying tag dir before DeepSpeed loads it, as ``verify`` says."""
+        self._loader.verify_before_load(tag_dir)
+
+    def resume_tag(self, save_dir: Path) -> Tuple[Optional[str], str]:
+        """The tag ``load_checkpoint(save_dir)`` resumes from, and why. Every rank must call it.
+
+        With ``skip_damaged_on_resume`` the checkpoints are checked newest
+        first and damaged ones are skipped; see ``resume.choose_resume_tag``.
+        """
+        if not self.options.skip_damaged_on_resume:
+            return choose_resume_tag(save_dir)
+
+        def damage_of(record: CheckpointRecord) -> Optional[str]:
+            return self._loader.damage_of(save_dir.absolute() / record.name, record.manifest)
+
+        return choose_resume_tag(save_dir, damage_of)
 
     def rotate(self, save_dir: Path, protected=()) -> List[CheckpointRecord]:
         """Deletes what the preservation policy chooses; returns what was deleted.
@@ -385,7 +379,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         latest = save.save_dir / LATEST_NAME
         previous_latest = _read_if_exists(latest) if save.save_latest else None
         replaced = publish_dir(save.pending, final, fsync=self.options.fsync)
-        self._manifests.pop(final, None)
+        self._loader.forget(final)
         save_points.reached("before_latest")
         if save.save_latest:
             self._write_latest(save, final, replaced, previous_latest)
@@ -406,7 +400,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
             atomic_write_bytes(latest, save.tag.encode(), fsync=self.options.fsync)
         except OSError:
             undo_publish(save.pending, final, exchanged=replaced is not None)
-            self._manifests.pop(final, None)
+            self._loader.forget(final)
             try:
                 if previous is None:
                     latest.unlink(missing_ok=True)
@@ -415,19 +409,6 @@ class FastAioCheckpointEngine(CheckpointEngine):
             except OSError as error:
                 logger.error("could not restore %s after the commit of %r failed: %s", latest, save.tag, error)
             raise
-
-    def _manifest_of(self, tag_dir: Path) -> Optional[Manifest]:
-        if tag_dir not in self._manifests:
-            self._manifests[tag_dir] = read_manifest(tag_dir)
-        return self._manifests[tag_dir]
-
-    def _record_for(self, path: Path) -> Optional[FileRecord]:
-        for tag_dir in path.absolute().parents:
-            if (tag_dir / MANIFEST_NAME).exists():
-                manifest = self._manifest_of(tag_dir)
-                relative = path.absolute().relative_to(tag_dir).as_posix()
-                return next((record for record in manifest.files if record.path == relative), None)
-        return None
 
     def _staging_buffer(self) -> StagingBuffer:
         if self._staging is None:

@@ -8,8 +8,9 @@ wrappers on ``DeepSpeedEngine`` act only when the engine is ours:
 ``save_checkpoint`` validates the tag before any filesystem call, lets the
 engine write ``latest`` atomically, and marks a checkpoint whose save raised
 so it is never committed; ``load_checkpoint`` without a tag resumes
-from the newest complete checkpoint whatever ``latest`` says, and checks the
-files against the manifest first; ``destroy`` also cleans up a synchronous
+from the newest complete checkpoint whatever ``latest`` says (the newest
+intact one with ``skip_damaged_on_resume``), and checks the files against the
+manifest first; ``destroy`` also cleans up a synchronous
 engine of ours (DeepSpeed does so for decoupled ones only), which releases
 its save_dir lock. Installing twice changes nothing.
 """
@@ -24,7 +25,8 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 
 from .config import FAST_AIO, ConfigError, aio_tuning, engine_name, parse_fast_aio
 from .engine import FastAioCheckpointEngine
-from .resume import choose_resume_tag
+from .integrity import CheckpointIntegrityError
+from .resume import SKIP_OPTION
 from .tags import validate_tag
 
 logger = logging.getLogger(__name__)
@@ -131,13 +133,20 @@ def _hook_load(original):
             return original(self, *args, **kwargs)
         load_dir = Path(bound.arguments["load_dir"])
         tag = bound.arguments["tag"]
-        if tag is None:
-            tag, reason = choose_resume_tag(load_dir)
+        resuming = tag is None
+        if resuming:
+            tag, reason = self.checkpoint_engine.resume_tag(load_dir)
             if tag is None:
                 logger.warning("nothing to resume: %s", reason)
                 return None, None
             bound.arguments["tag"] = tag
-        self.checkpoint_engine.verify_before_load(load_dir.absolute() / validate_tag(tag))
-        return original(*bound.args, **bound.kwargs)
+        try:
+            self.checkpoint_engine.verify_before_load(load_dir.absolute() / validate_tag(tag))
+            return original(*bound.args, **bound.kwargs)
+        except CheckpointIntegrityError as error:
+            if not resuming or self.checkpoint_engine.options.skip_damaged_on_resume:
+                raise
+            raise CheckpointIntegrityError(f"{error}; set {SKIP_OPTION}=true to resume from the newest intact "
+                                           "checkpoint instead") from error
 
     return _mark(load_checkpoint)

@@ -8,13 +8,15 @@ warning says so whenever that is not simply what ``latest`` names.
 
 import logging
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
-from .records import complete_checkpoints, scan
+from .integrity import CheckpointIntegrityError
+from .records import CheckpointRecord, complete_checkpoints, scan
 
 logger = logging.getLogger(__name__)
 
 LATEST_NAME = "latest"
+SKIP_OPTION = "checkpoint.fast_aio.skip_damaged_on_resume"
 
 
 def read_latest(save_dir: Path) -> Optional[str]:
@@ -26,24 +28,51 @@ def read_latest(save_dir: Path) -> Optional[str]:
     return text or None
 
 
-def choose_resume_tag(save_dir) -> Tuple[Optional[str], str]:
+def choose_resume_tag(save_dir, damage_of: Optional[Callable[[CheckpointRecord], Optional[str]]] = None
+                      ) -> Tuple[Optional[str], str]:
     """The tag to resume from and why; (None, reason) when there is no complete checkpoint.
 
     Logs one warning when the choice differs from what ``latest`` says.
+    ``damage_of`` (given with ``skip_damaged_on_resume``) says why a
+    checkpoint is damaged, or None: checkpoints are then tried newest first,
+    and damaged ones, and those whose manifest cannot be read, are skipped
+    with a warning naming the damage. Without it a manifest that cannot be
+    read stops the resume, since its checkpoint may be newer than every
+    readable one and resuming would silently go back past it.
+
+    Raises:
+        CheckpointIntegrityError: for a manifest that cannot be read, without ``damage_of``.
     """
     save_dir = Path(save_dir)
     if not save_dir.is_dir():
         return None, f"{save_dir} does not exist"
-    latest = read_latest(save_dir)
-    complete = complete_checkpoints(scan(save_dir))
-    if not complete:
+    records = scan(save_dir)
+    skipped = {record.tag: record.damaged for record in records if record.damaged}
+    if skipped and damage_of is None:
+        raise CheckpointIntegrityError(f"{next(iter(skipped.values()))}; not resuming from an older checkpoint past "
+                                       f"it: repair or remove that directory, pass a tag, or set {SKIP_OPTION}=true")
+    newest = None
+    for record in reversed(complete_checkpoints(records)):
+        damage = damage_of(record) if damage_of is not None else None
+        if damage is None:
+            newest = record.tag
+            break
+        skipped[record.tag] = damage
+    for damage in skipped.values():
+        logger.warning("skipping a damaged checkpoint (%s=true): %s", SKIP_OPTION, damage)
+    if newest is None and skipped:
+        raise CheckpointIntegrityError(f"every checkpoint in {save_dir} is damaged; the newest: "
+                                       f"{next(iter(skipped.values()))}")
+    if newest is None:
         return None, f"{save_dir} holds no complete ds_fastckpt checkpoint"
-    newest = complete[-1].tag
+    latest = read_latest(save_dir)
     if latest == newest:
         return newest, f"'latest' names {newest}, the newest complete checkpoint"
     if latest is None:
         why = "'latest' is missing or empty"
-    elif latest in {record.tag for record in complete}:
+    elif latest in skipped:
+        why = f"'latest' names {latest!r}, which is damaged"
+    elif latest in {record.tag for record in records if record.complete}:
         why = f"'latest' names {latest!r}, an older checkpoint than the newest complete one"
     else:
         why = f"'latest' names {latest!r}, which is not a complete checkpoint"

@@ -45,7 +45,15 @@ def load(source, *, path, map_location=None, trusted: bool = False):
             return torch.load(source, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as error:
             raise UnsafeCheckpointError(
-                f"refused to load {path}: it needs objects outside ds_fastckpt's allowlist of DeepSpeed checkpoint "
-                f"classes, so it was not unpickled ({str(error).splitlines()[0]}). If you trust this file, set "
-                "checkpoint.fast_aio.trusted_pickles=true, or admit the class with "
+                f"refused to load {path}: its pickle holds something weights_only loading does not accept "
+                f"({_reason(error)}), so it was not unpickled. Either the file is damaged (verify='checksum' "
+                "tells), or it holds objects outside ds_fastckpt's allowlist of DeepSpeed checkpoint classes: if "
+                "you trust it, set checkpoint.fast_aio.trusted_pickles=true, or admit the class with "
                 "torch.serialization.add_safe_globals") from None
+
+
+def _reason(error: pickle.UnpicklingError) -> str:
+    """The line of torch's weights_only message that says what was refused, e.g. the GLOBAL it names."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    specific = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))]
+    return (specific or lines or ["no reason given"])[0]

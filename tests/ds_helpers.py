@@ -63,6 +63,17 @@ def train(engine, steps: int, seed: int = 1) -> None:
         engine.step()
 
 
+def save_twice(engine, save_dir) -> dict:
+    """Trains and saves two steps, then destroys the engine; returns the state of the first (older) save."""
+    train(engine, 1)
+    engine.save_checkpoint(save_dir)
+    older = full_state(engine)
+    train(engine, 1)
+    engine.save_checkpoint(save_dir)
+    engine.destroy()
+    return older
+
+
 def full_state(engine) -> dict:
     """Every tensor and number of module and optimizer state, flattened, gathered under ZeRO-3."""
     import deepspeed

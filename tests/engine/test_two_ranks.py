@@ -95,3 +95,8 @@ def test_a_failing_write_on_one_rank_fails_the_save_on_every_rank(reports, mode)
     # Training went on and the next save committed (an async failure surfaces in engine.step(), which raised).
     assert rank0["latest_after_next"] == rank1["latest_after_next"] == "global_step3"
     assert rank0["dirs"] == ["global_step1", "global_step3"]
+
+
+def test_both_ranks_skip_a_checkpoint_damaged_in_one_ranks_file(reports):
+    for report in reports[0]:
+        assert "global_step1" in report["skip_damaged"]["load_path"] and report["skip_damaged"]["same_state"]

@@ -10,7 +10,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from ds_fastckpt import deleted_fds_under, open_fds_under
-from tests.ds_helpers import full_state, init_engine, train
+from tests.ds_helpers import full_state, init_engine, save_twice, train
 
 
 def same_state(expected, actual) -> bool:
@@ -159,6 +159,23 @@ def failing_write_on_one_rank(save_dir: Path, rank: int, async_save: bool) -> di
             "latest").read_text(), "dirs": sorted(p.name for p in save_dir.iterdir() if p.is_dir())}
 
 
+def skip_damaged(save_dir: Path, rank: int) -> dict:
+    """A bit of rank 1's shard of the newest checkpoint flips; both ranks must agree to resume the older one."""
+    import torch.distributed as dist
+
+    older = save_twice(init_engine(2, {"keep_last": 0}), save_dir)
+    dist.barrier()
+    if rank == 0:
+        victim = save_dir / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
+    dist.barrier()
+    loader = init_engine(2, {"keep_last": 0, "verify": "checksum", "skip_damaged_on_resume": True}, seed=3)
+    load_path, _ = loader.load_checkpoint(save_dir)
+    return {"load_path": load_path, "same_state": same_state(older, full_state(loader))}
+
+
 def main():
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
@@ -169,6 +186,7 @@ def main():
     report["broken_latest"] = broken_latest(out / "rotation", rank)
     report["keep_last_one"] = keep_last_one(out / "keep_last_one")
     report["injected_leak"] = injected_leak(out / "leak")
+    report["skip_damaged"] = skip_damaged(out / "skip_damaged", rank)
     report["failing_write"] = {mode: failing_write_on_one_rank(out / f"failing_write_{mode}", rank, mode == "async")
                                for mode in ("sync", "async")}
     (out / f"rank{rank}.json").write_text(json.dumps(report))

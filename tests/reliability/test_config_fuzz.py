@@ -9,7 +9,8 @@ from ds_fastckpt.config import parse_fast_aio
 from tests.ds_helpers import init_engine
 
 KEYS = ["keep_last", "keep_every", "fsync", "verify", "fd_audit", "io_buffer_size", "torch_crc32", "trusted_pickles",
-        "async", "snapshot", "async_timeout_s", "commit_timeout_s"]
+        "async", "snapshot", "async_timeout_s", "commit_timeout_s",
+        "skip_damaged_on_resume"]
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
                    st.text(max_size=8), st.sampled_from(["off", "size", "checksum", "raise", "warn", 4096, 1 << 20]),
                    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
