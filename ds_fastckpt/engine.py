@@ -74,14 +74,23 @@ class FastAioCheckpointEngine(CheckpointEngine):
     2. ``makedirs(path)`` / ``save(state_dict, path)``, any number of times:
        paths inside ``save_dir/<tag>`` are written into the pending directory.
        Each file is durable (fsynced) when ``save`` returns, and its size and
-       CRC-32C are recorded. Still nothing visible has changed.
-    3. ``commit(info)``: all ranks' file records are gathered (a barrier).
-       The leader fsyncs the pending directories, writes the manifest
-       atomically, renames the pending directory to ``save_dir/<tag>`` (an
-       atomic exchange when the tag existed), fsyncs ``save_dir``, writes
-       ``latest`` atomically, and rotates. From the rename on, the checkpoint
-       is complete and durable; before it, the previous one is what resumes.
-       Every rank then audits its descriptors into save_dir.
+       CRC-32C are recorded. Still nothing visible has changed. A write that
+       fails is not raised here but held for the commit, so that this rank
+       still joins it and no other rank waits for it.
+    3. ``commit(info)``: all ranks' file records and errors are gathered (a
+       barrier). If any rank failed, every rank raises: that rank its own
+       error, the others ``CommitError``. Otherwise the leader fsyncs the
+       pending directories, writes the manifest atomically, renames the
+       pending directory to ``save_dir/<tag>`` (an atomic exchange when the
+       tag existed), fsyncs ``save_dir`` and writes ``latest`` atomically;
+       if one of these fails after the rename, the rename and ``latest`` are
+       undone before it raises. Then it rotates; a failure there is logged,
+       as the checkpoint is committed. Every rank then audits its
+       descriptors into save_dir.
+
+    The collectives of steps 1 and 3 run on a gloo group of their own that
+    gives up after ``commit_timeout_s``: a rank that died or hangs costs the
+    others a bounded wait and a ``CommitError``, never a hang.
 
     With ``"async": true`` the engine is decoupled (``is_decoupled()``):
     ``save`` queues the file for the ``ds_fastckpt-writer`` thread and returns,
@@ -93,8 +102,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
     ``engine.destroy()``), ``wait()`` and interpreter exit commit it too.
 
     ``load(path)`` reads the file with O_DIRECT, verifies it against its
-    manifest (size or CRC-32C, as ``verify`` says) and deserializes it from
-    memory; it works on torch >= 2.6.
+    manifest as ``verify`` says and deserializes it from memory (see
+    ``verified_load``); it works on torch >= 2.6.
 
     Args:
         config_params: DeepSpeed's config object.
@@ -199,7 +208,9 @@ class FastAioCheckpointEngine(CheckpointEngine):
         target = save.redirect(path) or Path(path)
         try:
             if self._background is None:
-                save.files.extend(filter(None, [self._write_file(state_dict, target, save)]))
+                record = self._write_file(state_dict, target, save)
+                if record is not None:  # None for a path outside the checkpoint directory
+                    save.files.append(record)
                 return
             if self.options.snapshot:
                 with torch_zip_crc32(self.options.torch_crc32):
