@@ -397,7 +397,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
         # Committed. What follows only frees space: a failure there is logged and retried by the next save.
         try:
             if replaced is not None:
-                delete_checkpoint(save.save_dir, CheckpointRecord(name=replaced.name, tag=save.tag, leftover="pending"))
+                old_copy = CheckpointRecord(name=replaced.name, tag=save.tag, leftover="pending")
+                delete_checkpoint(save.save_dir, old_copy)
             self.rotate(save.save_dir, protected={save.tag})
         except OSError as error:
             logger.error("checkpoint %r is committed, but removing old checkpoints failed (the next save retries): "

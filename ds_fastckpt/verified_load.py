@@ -50,7 +50,7 @@ class VerifiedLoader:
             self._loading_checksummed = None
 
     def verify_before_load(self, tag_dir: Path) -> None:
-        """Checks every file of a manifest-carrying tag dir exists with its size and archive ends, unless verify is off.
+        """Checks that every file of a manifest-carrying tag dir exists with its size and archive ends (verify on).
 
         Raises:
             ManifestError: when the manifest cannot be read.
