@@ -95,15 +95,20 @@ def assert_previous_checkpoint_resumes(save_dir: Path, expected_tag: str, expect
     assert_same_state(expected_state, full_state(loader))
 
 
+def one_checkpoint_then_a_step(save_dir: Path, tag=None, keep_last: int = 2):
+    """An engine that saved once and trained one more step, and the state that checkpoint holds."""
+    engine = init_engine(1, {"keep_last": keep_last})
+    train(engine, 1)
+    engine.save_checkpoint(save_dir, tag=tag)
+    good = full_state(engine)
+    train(engine, 1)
+    return engine, good
+
+
 @pytest.mark.parametrize("case", [*OP_FAULTS, *COMMIT_FAULTS])
 def test_failed_syscall_fails_the_save_and_loses_nothing(tmp_path, monkeypatch, case):
     save_dir = tmp_path / "ckpts"
-    engine = init_engine(1, {"keep_last": 2})
-    train(engine, 1)
-    engine.save_checkpoint(save_dir)
-    good = full_state(engine)
-    train(engine, 1)
-
+    engine, good = one_checkpoint_then_a_step(save_dir)
     with contextlib.ExitStack() as faults:
         if case in OP_FAULTS:
             faults.enter_context(inject_fault(OP_FAULTS[case], errno.EIO))
@@ -130,11 +135,7 @@ def test_failed_syscall_fails_the_save_and_loses_nothing(tmp_path, monkeypatch, 
 
 def test_failed_exchange_keeps_the_checkpoint_it_would_replace(tmp_path, monkeypatch):
     save_dir = tmp_path / "ckpts"
-    engine = init_engine(1, {"keep_last": 2})
-    train(engine, 1)
-    engine.save_checkpoint(save_dir, tag="same")
-    good = full_state(engine)
-    train(engine, 1)
+    engine, good = one_checkpoint_then_a_step(save_dir, tag="same")
 
     def failing_exchange(first, second):
         raise OSError(errno.EIO, os.strerror(errno.EIO), str(second))
@@ -151,11 +152,7 @@ def test_failed_exchange_keeps_the_checkpoint_it_would_replace(tmp_path, monkeyp
 
 def test_failed_fsync_after_an_exchange_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
     save_dir = tmp_path / "ckpts"
-    engine = init_engine(1, {"keep_last": 2})
-    train(engine, 1)
-    engine.save_checkpoint(save_dir, tag="same")
-    good = full_state(engine)
-    train(engine, 1)
+    engine, good = one_checkpoint_then_a_step(save_dir, tag="same")
     OsFault(monkeypatch, "fsync", lambda path: path == str(save_dir))
     with pytest.raises(OSError, match="fsync"):
         engine.save_checkpoint(save_dir, tag="same")
@@ -167,10 +164,7 @@ def test_failed_fsync_after_an_exchange_puts_the_old_checkpoint_back(tmp_path, m
 
 def test_failed_unlink_during_rotation_keeps_the_committed_save(tmp_path, monkeypatch, caplog):
     save_dir = tmp_path / "ckpts"
-    engine = init_engine(1, {"keep_last": 1})
-    train(engine, 1)
-    engine.save_checkpoint(save_dir)
-    train(engine, 1)
+    engine, _ = one_checkpoint_then_a_step(save_dir, keep_last=1)
     trash = str(save_dir / f".global_step1{TRASH_SUFFIX}")
     fault = OsFault(monkeypatch, "unlink", lambda path: path.startswith(trash + "/"))
     caplog.set_level(logging.ERROR, logger="ds_fastckpt")
