@@ -11,7 +11,7 @@ from deep inside, or a refused pickle.
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Dict, Optional, Set, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from . import collectives, safe_load
 from .config import FastAioConfig
@@ -39,13 +39,14 @@ class VerifiedLoader:
         self._gather = gather
         self._node_local = node_local
         self._manifests: Dict[Path, Optional[Manifest]] = {}
-        self._checksummed: Set[Path] = set()  # tag dirs damage_of checked byte by byte, for the next load
-        self._loading_checksummed: Optional[Path] = None  # the tag dir being loaded, if damage_of checked it
+        self._checksummed: Optional[Path] = None  # the tag dir damage_of last found intact byte by byte
+        self._loading_checksummed: Optional[Path] = None  # the tag dir being loaded, if it is that one
 
     def forget(self, tag_dir: Path) -> None:
         """Drops what is known of ``tag_dir``: it was saved again or removed."""
         self._manifests.pop(tag_dir, None)
-        self._checksummed.discard(tag_dir)
+        if self._checksummed == tag_dir:
+            self._checksummed = None
         if self._loading_checksummed == tag_dir:
             self._loading_checksummed = None
 
@@ -57,8 +58,8 @@ class VerifiedLoader:
             CheckpointIntegrityError: naming the first damaged file.
         """
         self._manifests.pop(tag_dir, None)  # another job may have saved this tag again since
-        self._loading_checksummed = tag_dir if tag_dir in self._checksummed else None
-        self._checksummed.clear()  # good for this load only
+        self._loading_checksummed = tag_dir if self._checksummed == tag_dir else None
+        self._checksummed = None  # good for this load only
         manifest = self._manifest_of(tag_dir)
         if manifest is not None and self.options.verify != "off":
             check_files(tag_dir, manifest)
@@ -85,7 +86,7 @@ class VerifiedLoader:
         if found:
             return found[0]
         if self.options.verify == "checksum":
-            self._checksummed.add(tag_dir)
+            self._checksummed = tag_dir
         return None
 
     def load(self, path: Path, map_location=None):
