@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 from typing import List, Tuple
 
-from .manifest import FileRecord
+from .manifest import MANIFEST_NAME, FileRecord
 from .records import scan
 from .writer import load_op
 from .cli_output import say, warn
@@ -83,6 +83,10 @@ def run(args) -> int:
         progress.close()
     for line in problems:
         say(line)
+    if not targets and not problems:
+        say(f"{save_dir} holds no ds_fastckpt checkpoint (no tag directory with {MANIFEST_NAME}): nothing was "
+            "verified")
+        return 1
     if problems:
         say(f"{len(problems)} problem(s) found in {save_dir}")
         return 1

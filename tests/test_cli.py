@@ -103,6 +103,15 @@ def test_verify_unknown_tag(trained, capsys):
     assert code == 1 and "global_step99: not a ds_fastckpt checkpoint" in out
 
 
+def test_verify_of_a_directory_without_checkpoints_fails(tmp_path, capsys):
+    (tmp_path / "global_step1").mkdir()  # another engine's checkpoint: no manifest
+    (tmp_path / "notes.txt").write_text("mine")
+    code, out, _ = run(capsys, "verify", tmp_path)
+    assert code == 1
+    assert out.splitlines() == [f"{tmp_path} holds no ds_fastckpt checkpoint (no tag directory with {MANIFEST_NAME}): "
+                                "nothing was verified"]
+
+
 def test_prune_dry_run_then_for_real(copy_of, capsys):
     code, out, _ = run(capsys, "prune", copy_of, "--keep-last", "1", "--dry-run")
     assert code == 0 and out.splitlines() == [f"would delete {copy_of / 'global_step20'}",
