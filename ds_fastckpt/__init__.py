@@ -2,7 +2,7 @@
 
 Importing the package hooks DeepSpeed so that ``"checkpoint": {"engine": "fast_aio"}``
 in a ds_config selects ``FastAioCheckpointEngine``. ``wait(engine)`` commits an
-async checkpoint still in flight.
+async checkpoint still in flight; ``wait_all()`` does so for every engine of the process.
 """
 
 from . import registration
@@ -10,7 +10,7 @@ from .config import ConfigError, FastAioConfig
 from .deleter import UnsafeDeletionError
 from .disk_guard import InsufficientSpaceError
 from .background import BackgroundWriterError
-from .engine import CommitError, FastAioCheckpointEngine, wait
+from .engine import CommitError, FastAioCheckpointEngine, wait, wait_all
 from .fd_accounting import OpenFd, OpFdCounters, deleted_fds_under, open_fds, open_fds_under, op_fd_counters
 from .fd_audit import FdLeakError
 from .integrity import CheckpointIntegrityError
@@ -50,4 +50,5 @@ __all__ = [
     "open_fds",
     "open_fds_under",
     "wait",
+    "wait_all",
 ]

@@ -8,7 +8,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import deepspeed
 import torch
@@ -20,7 +20,7 @@ from .atomicity import atomic_write_bytes, fsync_dir, pending_path, publish_dir,
 from .config import FastAioConfig
 from .deleter import delete_checkpoint, remove_retired, retire
 from .disk_guard import ensure_space
-from .fd_audit import audit_fds
+from .fd_audit import FdLeakError, leak_message, leaked_fds
 from .manifest import PENDING_MARKER_NAME, FileRecord, Manifest, write_manifest, write_pending_marker
 from .preservation_policy import checkpoints_to_delete
 from .records import CheckpointRecord, newest_sequence, scan
@@ -86,7 +86,13 @@ class FastAioCheckpointEngine(CheckpointEngine):
        if one of these fails after the rename, the rename and ``latest`` are
        undone before it raises. Then it rotates; a failure there is logged,
        as the checkpoint is committed. Every rank then audits its
-       descriptors into save_dir.
+       descriptors into save_dir (and to deleted files wherever it saved
+       before), and the ranks share the result.
+
+    Only ``save_checkpoint`` (through the hook's ``prepare_save``) starts a
+    checkpoint. Any other ``create``/``save``/``commit`` sequence, such as
+    DeepSpeed's ``save_16bit_model``, writes its files durably where it asks
+    and commits nothing: no manifest, rename, ``latest`` or rotation.
 
     The collectives of steps 1 and 3 run on a gloo group of their own that
     gives up after ``commit_timeout_s``: a rank that died or hangs costs the
@@ -126,9 +132,13 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._loader = VerifiedLoader(options, tuning, self._gather, node_local=node_local)
         self._background: Optional[BackgroundWriter] = None
         self._removals: list = []  # (trash path, Future) of removals running on the background writer
-        self._locked_dirs: set = set()  # save_dirs whose lock this engine holds
+        self._locked_dir: Optional[Path] = None  # the save_dir whose lock this engine holds: one at a time
+        self._saved_dirs: Set[str] = set()  # every save_dir saved into, resolved, for the fd audit
+        self._checkpoint_save_next = False  # set by save_checkpoint: the next create() starts a checkpoint
+        self._file_save = False  # between create() and commit() of a save that is not a checkpoint
         self._failed_pending: Optional[Path] = None  # pending dir of a save that failed, removed at the next
         self._group = collectives.bounded_group(options.commit_timeout_s)
+        _live_engines.add(self)
         if options.async_save:
             self._background = BackgroundWriter()
             _commit_at_exit(self)
@@ -143,6 +153,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
         """
         self._next_step = step
         self._next_save_latest = save_latest
+        self._checkpoint_save_next = True
+        self._file_save = False
 
     def is_storage_leader(self) -> bool:
         if self.node_local:
@@ -170,16 +182,21 @@ class FastAioCheckpointEngine(CheckpointEngine):
         if self._background is not None:
             self._background.shutdown()
             self._background = None
-        for save_dir in self._locked_dirs:
-            save_dir_lock.release(save_dir)
-        self._locked_dirs.clear()
+        self._release_lock()
 
     def save_aborted(self, error: BaseException) -> None:
         """Called when DeepSpeed's ``save_checkpoint`` raised: the checkpoint it was writing is never committed."""
+        self._checkpoint_save_next = False  # it may have raised before create()
         if self._save is not None and self._save.failed is None:
             self._save.failed = error
 
     def create(self, info: CheckpointCommitInfo):
+        if not self._checkpoint_save_next:
+            # Not from save_checkpoint: DeepSpeed's save_16bit_model brackets its one file with create/commit
+            # under the current step's tag. Those files are written as they are; no checkpoint is touched.
+            self._file_save = True
+            return
+        self._checkpoint_save_next = False
         if self._save is not None and self._save.failed is not None and not self.is_decoupled():
             # save_checkpoint raised before commit on this rank; async saves report it at their commit instead
             logger.warning("checkpoint %r failed while saving (%s) and was not committed; removing its pending "
@@ -200,8 +217,11 @@ class FastAioCheckpointEngine(CheckpointEngine):
 
     def save(self, state_dict, path: str):
         save = self._save
-        if save is None:  # outside save_checkpoint: a plain durable write, nothing to commit
-            self._write_file(state_dict, Path(path), None)
+        if save is None or self._file_save:  # outside save_checkpoint: a plain durable write, nothing to commit
+            if self._background is None:
+                self._write_file(state_dict, Path(path), None)
+            else:  # the writer thread owns the staging buffer; this file waits behind the checkpoint in flight
+                self._background.submit(self._write_file, state_dict, Path(path), None).result()
             return
         if save.failed is not None:
             return  # this checkpoint already failed on this rank; writing more of it is wasted
@@ -240,6 +260,9 @@ class FastAioCheckpointEngine(CheckpointEngine):
         return self._loader.load(Path(path), map_location=map_location)
 
     def commit(self, info: CheckpointCommitInfo):
+        if self._file_save:
+            self._file_save = False
+            return True
         save, self._save = self._save, None
         if save is None:
             return True
@@ -258,10 +281,30 @@ class FastAioCheckpointEngine(CheckpointEngine):
         files = [record for rank_files, _ in gathered for record in rank_files]
         self._on_leader(lambda: self._publish(save, files), not_committed)
         self._failed_pending = None
-        audit_fds(save.save_dir, self.options.fd_audit, f"the save of {save.tag!r} and its rotation",
-                  removing=[trash for trash, future in self._removals if not future.done()],
-                  expected=[save_dir_lock.lock_path(save.save_dir)])
+        self._audit_fds(save)
         return True
+
+    def _audit_fds(self, save: _SaveInProgress) -> None:
+        """Every rank lists its descriptors into save_dir, and to deleted files wherever it saved before.
+
+        The ranks share what they found, so a leak on one rank fails the save's
+        return on every rank (the checkpoint stays committed) instead of
+        leaving the others waiting for it in DeepSpeed's next collective.
+        """
+        self._saved_dirs.add(os.path.realpath(save.save_dir))
+        if self.options.fd_audit == "off":
+            return
+        found = leaked_fds(save.save_dir, removing=[trash for trash, future in self._removals if not future.done()],
+                           expected=save_dir_lock.held_lock_files(), earlier_dirs=self._saved_dirs)
+        when = f"the save of {save.tag!r} and its rotation"
+        mine = f"rank {collectives.rank()}: {leak_message(save.save_dir, when, found)}" if found else None
+        reports = [report for report in self._gather(mine, f"the fd audit of {save.tag!r}") if report]
+        if not reports:
+            return
+        if self.options.fd_audit == "raise":
+            raise FdLeakError("; ".join(reports))
+        if mine is not None:
+            logger.warning(mine)
 
     def verify_before_load(self, tag_dir: Path) -> None:
         """Checks the files of a manifest-carrying tag dir before DeepSpeed loads it, as ``verify`` says."""
@@ -349,9 +392,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         writes there any more, and its partial files may hold the space the new save needs.
         """
         save.save_dir.mkdir(parents=True, exist_ok=True)
-        if save.save_dir not in self._locked_dirs:
-            save_dir_lock.acquire(save.save_dir)
-            self._locked_dirs.add(save.save_dir)
+        self._lock(save.save_dir)
         records = self._scan_settled(save.save_dir)
         stale = [record for record in records if record.name in (save.pending.name, getattr(abandoned, "name", None))]
         for record in stale:
@@ -361,6 +402,20 @@ class FastAioCheckpointEngine(CheckpointEngine):
         save.pending.mkdir()
         # Not fsynced: if a crash loses the pending directory or its marker, no checkpoint is lost.
         write_pending_marker(save.pending, save.tag, newest_sequence(records), fsync=False)
+
+    def _lock(self, save_dir: Path) -> None:
+        """Holds the lock of ``save_dir`` and of no other directory, re-checked at every save."""
+        if self._locked_dir == save_dir:
+            save_dir_lock.recheck(save_dir)
+            return
+        self._release_lock()
+        save_dir_lock.acquire(save_dir)
+        self._locked_dir = save_dir
+
+    def _release_lock(self) -> None:
+        if self._locked_dir is not None:
+            save_dir_lock.release(self._locked_dir)
+            self._locked_dir = None
 
     def _free_early(self, save_dir: Path) -> int:
         self._finish_removals()  # space that background removals are about to free
@@ -428,6 +483,16 @@ class FastAioCheckpointEngine(CheckpointEngine):
         return self._staging
 
 
+def wait_all() -> None:
+    """Finishes and commits the checkpoint in flight of every live fast_aio engine in this process.
+
+    For code that does not hold the DeepSpeed engine, such as a training
+    framework's callback. Every rank must call it.
+    """
+    for engine in list(_live_engines):
+        engine.wait()
+
+
 def wait(ds_engine) -> None:
     """Finishes and commits the checkpoint a DeepSpeed engine is writing in the background.
 
@@ -442,6 +507,9 @@ def wait(ds_engine) -> None:
     checkpoint_engine = getattr(ds_engine, "checkpoint_engine", None)
     if isinstance(checkpoint_engine, FastAioCheckpointEngine):
         checkpoint_engine.wait()
+
+
+_live_engines: "weakref.WeakSet[FastAioCheckpointEngine]" = weakref.WeakSet()
 
 
 def _commit_at_exit(engine: FastAioCheckpointEngine) -> None:

@@ -7,12 +7,13 @@ whose ``is_data_parallel_writer`` decides ``save_non_zero_checkpoint``. Thin
 wrappers on ``DeepSpeedEngine`` act only when the engine is ours:
 ``save_checkpoint`` validates the tag before any filesystem call, lets the
 engine write ``latest`` atomically, and marks a checkpoint whose save raised
-so it is never committed; ``load_checkpoint`` without a tag resumes
-from the newest complete checkpoint whatever ``latest`` says (the newest
-intact one with ``skip_damaged_on_resume``), and checks the files against the
-manifest first; ``destroy`` also cleans up a synchronous
-engine of ours (DeepSpeed does so for decoupled ones only), which releases
-its save_dir lock. Installing twice changes nothing.
+so it is never committed; ``load_checkpoint`` first commits a checkpoint
+still in flight, then, without a tag, resumes from the newest complete
+checkpoint whatever ``latest`` says (the newest intact one with
+``skip_damaged_on_resume``; what ``latest_universal`` names with
+``load_universal``), and checks the files against the manifest first;
+``destroy`` also cleans up a synchronous engine of ours (DeepSpeed does so
+for decoupled ones only), which releases its save_dir lock. Installing twice changes nothing.
 """
 
 import functools
@@ -131,9 +132,12 @@ def _hook_load(original):
         bound = _bind_if_ours(signature, self, args, kwargs)
         if bound is None:
             return original(self, *args, **kwargs)
+        self.checkpoint_engine.wait()  # a checkpoint still in flight is what the caller may be about to load
         load_dir = Path(bound.arguments["load_dir"])
         tag = bound.arguments["tag"]
         resuming = tag is None
+        if resuming and self.load_universal_checkpoint():
+            return original(*bound.args, **bound.kwargs)  # DeepSpeed's 'latest_universal' names the folder
         if resuming:
             tag, reason = self.checkpoint_engine.resume_tag(load_dir)
             if tag is None:

@@ -3,14 +3,20 @@
 The manifests, not ``latest``, say what is complete: ``latest`` is only a
 hint, since a crash can leave it missing, empty, stale or naming a checkpoint
 that never finished. The newest complete checkpoint by commit order wins; one
-warning says so whenever that is not simply what ``latest`` names.
+warning says so whenever that is not simply what ``latest`` names. The one
+exception is a run switched to fast_aio: ``latest`` naming a directory another
+engine wrote after our newest commit is resumed from, with a warning.
 """
 
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
+from .atomicity import tag_of_internal_name
 from .integrity import CheckpointIntegrityError
+from .manifest import MANIFEST_NAME
 from .records import CheckpointRecord, complete_checkpoints, scan
 
 logger = logging.getLogger(__name__)
@@ -63,9 +69,16 @@ def choose_resume_tag(save_dir, damage_of: Optional[Callable[[CheckpointRecord],
     if newest is None and skipped:
         raise CheckpointIntegrityError(f"every checkpoint in {save_dir} is damaged; the newest: "
                                        f"{next(iter(skipped.values()))}")
+    latest = read_latest(save_dir)
+    foreign = _newer_foreign_checkpoint(save_dir, latest, records, newest)
+    if foreign is not None:
+        reason = (f"'latest' names {latest!r}, a checkpoint written by another checkpoint engine (no "
+                  f"{MANIFEST_NAME}), newer than any ds_fastckpt checkpoint in {save_dir}: resuming from it; its "
+                  "files carry no checksums and are not verified")
+        logger.warning(reason)
+        return latest, reason
     if newest is None:
         return None, f"{save_dir} holds no complete ds_fastckpt checkpoint"
-    latest = read_latest(save_dir)
     if latest == newest:
         return newest, f"'latest' names {newest}, the newest complete checkpoint"
     if latest is None:
@@ -79,3 +92,39 @@ def choose_resume_tag(save_dir, damage_of: Optional[Callable[[CheckpointRecord],
     reason = f"{why}; resuming from {newest!r}, the newest complete checkpoint in {save_dir}"
     logger.warning(reason)
     return newest, reason
+
+
+def _newer_foreign_checkpoint(save_dir: Path, latest: Optional[str], records, newest: Optional[str]
+                              ) -> Optional[Path]:
+    """The directory ``latest`` names when another engine wrote it after our newest checkpoint, else None.
+
+    A run switched to fast_aio from DeepSpeed's default engine has tag
+    directories without a manifest and a ``latest`` naming one of them.
+    Such a directory, if it holds a model states file as every DeepSpeed
+    checkpoint does, is resumed from unless one of ours was committed after
+    it was last written to; it is never ours, so rotation leaves it alone.
+    """
+    if latest is None or latest in (".", "..") or "/" in latest or "\0" in latest or tag_of_internal_name(latest):
+        return None
+    candidate = save_dir / latest
+    try:
+        info = os.lstat(candidate)
+    except (OSError, ValueError):
+        return None
+    if (not stat.S_ISDIR(info.st_mode) or os.path.lexists(candidate / MANIFEST_NAME)
+            or not _has_model_states(candidate)):
+        return None
+    ours = {record.tag: record for record in records if record.complete}
+    if newest is not None and ours[newest].manifest.committed_unix_ns >= info.st_mtime_ns:
+        return None
+    return candidate
+
+
+def _has_model_states(tag_dir: Path) -> bool:
+    """Whether ``tag_dir`` holds a DeepSpeed model states file (``*model_states.pt``), as a regular file."""
+    try:
+        with os.scandir(tag_dir) as entries:
+            return any(entry.name.endswith("model_states.pt") and entry.is_file(follow_symlinks=False)
+                       for entry in entries)
+    except OSError:
+        return False

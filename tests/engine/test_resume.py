@@ -1,6 +1,7 @@
 """load_checkpoint(dir) resumes from the newest complete checkpoint whatever `latest` says."""
 
 import logging
+import os
 
 import pytest
 
@@ -39,11 +40,12 @@ def test_resumes_from_newest_complete(two_checkpoints, caplog, latest):
     assert len(warnings) == 1 and "resuming from 'global_step2'" in warnings[0]
 
 
-def test_latest_naming_an_incomplete_tag_is_not_loaded(two_checkpoints, caplog):
+def test_latest_naming_an_older_tag_without_manifest_is_not_loaded(two_checkpoints, caplog):
     save_dir, newest_state = two_checkpoints
     partial = save_dir / "global_step3"
     partial.mkdir()
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    os.utime(partial, ns=(1, 1))  # written before our newest checkpoint was committed
     (save_dir / "latest").write_text("global_step3")
     engine, path = resume(save_dir)
     assert "global_step2" in path
@@ -79,3 +81,41 @@ def test_missing_file_is_named(two_checkpoints):
     (save_dir / "global_step2" / "mp_rank_00_model_states.pt").unlink()
     with pytest.raises(CheckpointIntegrityError, match="mp_rank_00_model_states.pt is missing"):
         resume(save_dir)
+
+
+def test_a_run_switched_from_the_default_engine_resumes_and_keeps_its_checkpoints(tmp_path, caplog):
+    default = init_engine(1, engine=None)
+    train(default, 1)
+    default.save_checkpoint(tmp_path)
+    train(default, 1)
+    default.save_checkpoint(tmp_path)
+    default_state = full_state(default)
+    caplog.set_level(logging.WARNING, logger="ds_fastckpt")
+    switched, path = resume(tmp_path, keep_last=1)
+    assert "global_step2" in path
+    assert_same_state(default_state, full_state(switched))
+    [warning] = [r.getMessage() for r in caplog.records if r.name.startswith("ds_fastckpt")]
+    assert "written by another checkpoint engine" in warning and "no checksums" in warning
+    for _ in range(3):
+        train(switched, 1)
+        switched.save_checkpoint(tmp_path)
+    ours = full_state(switched)
+    # keep_last=1 rotates our own checkpoints only: the default engine's stay.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["global_step1", "global_step2",
+                                                                        "global_step5"]
+    again, path = resume(tmp_path)
+    assert "global_step5" in path
+    assert_same_state(ours, full_state(again))
+
+
+def test_a_default_engine_save_after_ours_is_the_newer_one(tmp_path):
+    ours = init_engine(1, {"keep_last": 0})
+    train(ours, 1)
+    ours.save_checkpoint(tmp_path)
+    ours.destroy()
+    default = init_engine(1, engine=None, seed=3)
+    train(default, 2)
+    default.save_checkpoint(tmp_path)
+    engine, path = resume(tmp_path)
+    assert "global_step2" in path
+    assert_same_state(full_state(default), full_state(engine))
