@@ -11,6 +11,7 @@ without touching anything else.
 import ctypes
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Optional
 
@@ -57,9 +58,16 @@ def _fsync(fd: int, path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
-    """Replaces ``path`` with ``data`` so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}{PENDING_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    """Replaces ``path`` with ``data`` so that readers see the old or the new content, never a mix.
+
+    The content goes to a new file of a unique name, created with
+    ``O_EXCL | O_NOFOLLOW``: a symlink or file another user planted in a
+    shared save_dir under a name we use is never followed, truncated or
+    written. The rename replaces whatever entry ``path`` is (a symlink
+    itself, not its target).
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}{PENDING_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
         try:
             view = memoryview(data)

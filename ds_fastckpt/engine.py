@@ -26,7 +26,7 @@ from .preservation_policy import checkpoints_to_delete
 from .records import CheckpointRecord, newest_sequence, scan
 from .resume import LATEST_NAME, choose_resume_tag, read_latest
 from .staging import StagingBuffer
-from .tags import validate_tag
+from .tags import InvalidTagError, validate_tag
 from .verified_load import VerifiedLoader
 from .writer import AioFileWriter, load_op, torch_zip_crc32
 
@@ -386,7 +386,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
             logger.warning("a rotated checkpoint could not be removed (%s); the next rotation retries it", failure)
 
     def _prepare_pending(self, save: _SaveInProgress, abandoned: Optional[Path]) -> None:
-        """Leader: lock save_dir, drop a failed save's leftovers, check space, make the pending directory.
+        """Leader: lock save_dir, refuse a tag naming what is not ours, drop leftovers, check space, make pending.
 
         ``abandoned`` is the pending directory of this job's previous save, which failed: no rank
         writes there any more, and its partial files may hold the space the new save needs.
@@ -394,6 +394,11 @@ class FastAioCheckpointEngine(CheckpointEngine):
         save.save_dir.mkdir(parents=True, exist_ok=True)
         self._lock(save.save_dir)
         records = self._scan_settled(save.save_dir)
+        final = save.save_dir / save.tag
+        if os.path.lexists(final) and save.tag not in {record.name for record in records if record.complete}:
+            raise InvalidTagError(f"checkpoint tag {save.tag!r} cannot be saved: {final} exists and is not a "
+                                  "complete ds_fastckpt checkpoint (a file, a link, or a directory this engine did "
+                                  "not write), and it is never replaced or deleted: choose another tag or move it")
         stale = [record for record in records if record.name in (save.pending.name, getattr(abandoned, "name", None))]
         for record in stale:
             delete_checkpoint(save.save_dir, record)

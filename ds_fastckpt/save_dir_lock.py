@@ -21,6 +21,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -88,8 +89,14 @@ def held_lock_files() -> List[str]:
 
 def _lock(save_dir) -> int:
     path = lock_path(save_dir)
+    # O_NOFOLLOW and O_NONBLOCK: a symlink or FIFO planted under our name in a shared save_dir is neither
+    # followed nor waited on.
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # never write through a hard link to a file
+            raise OSError(errno.EPERM, f"{save_dir}: the save_dir lock must be a regular file with one link; "
+                          "remove it (no ds_fastckpt job holds it) and save again", str(path))
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown"
