@@ -12,10 +12,11 @@ a failed check), 2 for a usage error.
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .config import ConfigError, parse_fast_aio
 from .deleter import delete_checkpoint
@@ -97,31 +98,53 @@ def _existing_dir(path: Path) -> Path:
 
 
 def _rows(save_dir: Path, keep_last: int, keep_every: int) -> List[dict]:
-    records = scan(save_dir)
+    records = scan(save_dir, include_not_ours=True)
     latest = read_latest(save_dir)
     doomed = {record.name for record in checkpoints_to_delete(records, keep_last, keep_every, {latest} - {None})}
     now = time.time()
     rows = []
     for record in records:
-        files = list((save_dir / record.name).rglob("*"))
-        on_disk = sum(path.stat().st_size for path in files if path.is_file() and not path.is_symlink())
         manifest = record.manifest
+        on_disk, file_count = (0, 0) if manifest else _on_disk(save_dir / record.name)
         rows.append({
             "tag": record.tag,
             "step": manifest.step if manifest else None,
             "complete": record.complete,
             "state": _state(record),
             "bytes": manifest.total_bytes if manifest else on_disk,
-            "files": len(manifest.files) if manifest else sum(path.is_file() for path in files),
+            "files": len(manifest.files) if manifest else file_count,
             "age_s": round(now - (manifest.committed_unix_ns / 1e9 if manifest else
-                                  (save_dir / record.name).stat().st_mtime), 1),
+                                  os.lstat(save_dir / record.name).st_mtime), 1),
             "latest": record.complete and record.tag == latest,
             "next_to_delete": record.name in doomed,
         })
     return rows
 
 
+def _on_disk(directory: Path) -> Tuple[int, int]:
+    """Bytes and count of the regular files under ``directory``; symlinks and unreadable folders are skipped."""
+    total, count, folders = 0, 0, [directory]
+    while folders:  # a loop, not recursion: a hostile tree may be deeper than Python's recursion limit
+        try:
+            with os.scandir(folders.pop()) as entries:
+                listed = list(entries)
+        except OSError:
+            continue  # gone or unreadable: counted as empty
+        for entry in listed:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+                    count += 1
+            except OSError:
+                continue  # removed since it was listed
+    return total, count
+
+
 def _state(record: CheckpointRecord) -> str:
+    if record.not_ours:
+        return "not ours"
     if record.complete:
         return "complete"
     if record.damaged:

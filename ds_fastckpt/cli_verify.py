@@ -1,5 +1,7 @@
 """``ds-fastckpt verify``: every file's size and CRC-32C against its manifest, with progress."""
 
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import List, Tuple
@@ -37,22 +39,33 @@ class _Progress:
             self._bar.close()
 
 
-def _crc32c_of(path: Path, progress: _Progress) -> Tuple[int, int]:
+def _crc32c_of(file, progress: _Progress) -> Tuple[int, int]:
     op, crc, size = load_op(), 0, 0
-    with open(path, "rb") as file:
-        while chunk := file.read(_CHUNK):
-            crc = op.crc32c(chunk, crc)
-            size += len(chunk)
-            progress.advance(len(chunk))
+    while chunk := file.read(_CHUNK):
+        crc = op.crc32c(chunk, crc)
+        size += len(chunk)
+        progress.advance(len(chunk))
     return crc, size
 
 
 def _check(path: Path, record: FileRecord, progress: _Progress) -> List[str]:
-    if not path.is_file():
+    # The manifest's paths were checked to stay inside the tag directory when it was read; what is there may
+    # still be a FIFO or a device: never opened, or (swapped in since the stat) opened without blocking.
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return [f"{path}: not a regular file (the manifest lists {record.bytes} bytes)"]
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         return [f"{path}: missing (the manifest lists {record.bytes} bytes)"]
-    if path.stat().st_size != record.bytes:
-        return [f"{path}: {path.stat().st_size} bytes, the manifest says {record.bytes} (truncated or overwritten)"]
-    crc, _ = _crc32c_of(path, progress)
+    except OSError as error:
+        return [f"{path}: cannot be read: {error.strerror} (the manifest lists {record.bytes} bytes)"]
+    with open(fd, "rb", buffering=0) as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return [f"{path}: not a regular file (the manifest lists {record.bytes} bytes)"]
+        if info.st_size != record.bytes:
+            return [f"{path}: {info.st_size} bytes, the manifest says {record.bytes} (truncated or overwritten)"]
+        crc, _ = _crc32c_of(file, progress)
     if crc != record.crc32c:
         return [f"{path}: CRC-32C {crc:#010x}, the manifest says {record.crc32c:#010x} (content changed)"]
     return []
@@ -62,13 +75,15 @@ def run(args) -> int:
     save_dir: Path = args.dir
     if not save_dir.is_dir():
         raise FileNotFoundError(2, "not a checkpoint directory", str(save_dir))
-    records = [record for record in scan(save_dir) if not record.leftover]
+    records = [record for record in scan(save_dir, include_not_ours=True) if not record.leftover]
     by_tag = {record.tag: record for record in records}
     problems, targets = [], []
-    for tag in args.tags or [record.tag for record in records]:
+    for tag in args.tags or [record.tag for record in records if record.not_ours is None]:
         record = by_tag.get(tag)
         if record is None:
             problems.append(f"{save_dir / tag}: not a ds_fastckpt checkpoint (no manifest)")
+        elif record.not_ours:
+            problems.append(f"{save_dir / tag}: {record.not_ours}")
         elif record.damaged:
             problems.append(record.damaged)
         else:

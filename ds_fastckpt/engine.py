@@ -25,6 +25,7 @@ from .manifest import PENDING_MARKER_NAME, FileRecord, Manifest, write_manifest,
 from .preservation_policy import checkpoints_to_delete
 from .records import CheckpointRecord, newest_sequence, scan
 from .resume import LATEST_NAME, choose_resume_tag, read_latest
+from .small_files import UnsafeSmallFileError, read_small_file
 from .staging import StagingBuffer
 from .tags import InvalidTagError, validate_tag
 from .verified_load import VerifiedLoader
@@ -534,10 +535,11 @@ def _commit_at_exit(engine: FastAioCheckpointEngine) -> None:
 
 
 def _read_if_exists(path: Path) -> Optional[bytes]:
+    """``path``'s content, to restore if the commit fails; None when there is nothing worth restoring."""
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
+        return read_small_file(path)
+    except (FileNotFoundError, UnsafeSmallFileError):
+        return None  # a FIFO, link, device or oversized file under our name: the commit replaces it anyway
 
 
 def _version() -> str:

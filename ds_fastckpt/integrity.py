@@ -1,6 +1,7 @@
 """Checks files against their manifest before they are loaded."""
 
 import os
+import stat
 from pathlib import Path
 from typing import Optional
 
@@ -33,8 +34,11 @@ def check_files(tag_dir: Path, manifest: Manifest) -> None:
 
 def check_framing(path: Path) -> None:
     """``path`` starts and ends the way a torch.save archive does."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO put there must not block the load
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointIntegrityError(f"checkpoint file {path} is not a regular file (a FIFO, device or "
+                                           "directory where the manifest lists a file)")
         head = os.pread(fd, len(_ZIP_HEAD), 0)
         tail = os.pread(fd, _ZIP_END_SIZE, max(0, os.fstat(fd).st_size - _ZIP_END_SIZE))
     finally:

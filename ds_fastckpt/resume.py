@@ -26,10 +26,31 @@ SKIP_OPTION = "checkpoint.fast_aio.skip_damaged_on_resume"
 
 
 def read_latest(save_dir: Path) -> Optional[str]:
-    """The tag ``latest`` names, or None when it is missing, empty or unreadable."""
+    """The tag ``latest`` names, or None when it is missing, empty or unreadable.
+
+    ``latest`` is a hint anyone may have written, so it is read as untrusted
+    (``small_files``): a FIFO, a symlink, a device, more than 4096 bytes,
+    text that is not UTF-8, or that cannot be a directory name (longer than
+    255 bytes, control characters such as a second line) counts as
+    unreadable, with a warning that quotes an excerpt at most.
+    """
+    from .small_files import excerpt, read_small_file
+
+    path = Path(save_dir) / LATEST_NAME
     try:
-        text = (save_dir / LATEST_NAME).read_text().strip()
-    except (OSError, UnicodeDecodeError):
+        raw = read_small_file(path)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        logger.warning("ignoring %s: %s", path, error.strerror or error)
+        return None
+    try:
+        text = raw.decode().strip()
+    except UnicodeDecodeError:
+        logger.warning("ignoring %s: it is not UTF-8 text: %s", path, excerpt(raw))
+        return None
+    if len(text.encode()) > 255 or any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
+        logger.warning("ignoring %s: it does not hold one checkpoint tag: %s", path, excerpt(text))
         return None
     return text or None
 

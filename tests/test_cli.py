@@ -112,6 +112,12 @@ def test_verify_of_a_directory_without_checkpoints_fails(tmp_path, capsys):
                                 "nothing was verified"]
 
 
+def test_verify_of_a_copy_says_it_is_not_ours(copy_of, capsys):
+    shutil.copytree(copy_of / "global_step30", copy_of / "best_model")
+    code, out, _ = run(capsys, "verify", copy_of, "best_model")
+    assert code == 1 and f"{copy_of / 'best_model'}: " in out and "not ours" in out
+
+
 def test_prune_dry_run_then_for_real(copy_of, capsys):
     code, out, _ = run(capsys, "prune", copy_of, "--keep-last", "1", "--dry-run")
     assert code == 0 and out.splitlines() == [f"would delete {copy_of / 'global_step20'}",
