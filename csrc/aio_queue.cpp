@@ -39,6 +39,14 @@ class IdleContexts {
   std::vector<std::pair<unsigned, io_context_t>> idle_;
 };
 
+// The depth, once it is known to be one io_setup() can accept; checked before the slots are allocated.
+std::size_t checked_depth(unsigned depth, const std::string& path) {
+  if (depth == 0 || depth > kMaxQueueDepth) {
+    throw_io_error(EINVAL, "io_setup (queue_depth must be 1 to " + std::to_string(kMaxQueueDepth) + ")", path);
+  }
+  return depth;
+}
+
 IdleContexts& idle_contexts() {
   static IdleContexts* contexts = new IdleContexts();  // never destroyed: used until exit
   return *contexts;
@@ -47,8 +55,7 @@ IdleContexts& idle_contexts() {
 }  // namespace
 
 AioQueue::AioQueue(int fd, std::string path, unsigned depth, Direction direction)
-    : fd_(fd), path_(std::move(path)), direction_(direction), slots_(depth) {
-  if (depth == 0) throw_io_error(EINVAL, "io_setup (queue_depth must be positive)", path_);
+    : fd_(fd), path_(std::move(path)), direction_(direction), slots_(checked_depth(depth, path_)) {
   ctx_ = idle_contexts().take(depth);
   if (ctx_ == nullptr) {
     const int rc = io_setup(static_cast<int>(depth), &ctx_);

@@ -32,6 +32,12 @@ namespace ds_fastckpt {
 // context is reused by the next queue of the same depth.
 enum class Direction { kWrite, kRead };
 
+// The deepest queue accepted. Each slot costs about 100 bytes here and 64 more
+// in the kernel's completion ring, and io_setup() refuses more events than
+// fs.aio-max-nr (65536 by default) anyway; checking first turns a depth such as
+// 2**31 into EINVAL instead of a std::bad_alloc from allocating its slots.
+constexpr unsigned kMaxQueueDepth = 65536;
+
 class AioQueue {
  public:
   AioQueue(int fd, std::string path, unsigned depth, Direction direction = Direction::kWrite);

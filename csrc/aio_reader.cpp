@@ -44,7 +44,9 @@ AioFileReader::AioFileReader(std::string path, std::uint8_t* buffer, std::size_t
   if (padded > capacity) throw_io_error(EOVERFLOW, "read (file grew beyond the buffer)", path_);
   queue_ = std::make_unique<AioQueue>(fd_.get(), path_, options.queue_depth, Direction::kRead);
 
-  const std::uint64_t blocks = (padded + options.block_size - 1) / options.block_size;
+  // Not (padded + block_size - 1) / block_size: that sum wraps for a block size near SIZE_MAX, and zero
+  // blocks would leave wait() waiting for reads never queued.
+  const std::uint64_t blocks = padded / options.block_size + (padded % options.block_size != 0 ? 1 : 0);
   auto enqueue_block = [&](std::uint64_t index) {
     const std::uint64_t offset = index * options.block_size;
     const auto len = static_cast<std::size_t>(std::min<std::uint64_t>(options.block_size, padded - offset));

@@ -25,7 +25,9 @@ struct ReaderOptions {
 // IoError with errno and path.
 //
 // Call order: wait(begin, end)* then finish(); destroying the reader without
-// finish() waits for reads in flight and closes the file.
+// finish() waits for reads in flight and closes the file. wait() may be called
+// from several threads at once; finish() must not overlap any other call (the
+// Python binding makes it wait for them).
 class AioFileReader {
  public:
   AioFileReader(std::string path, std::uint8_t* buffer, std::size_t capacity, ReaderOptions options);

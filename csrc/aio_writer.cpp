@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <limits>
 
 #include "fault_injection.h"
 #include "io_error.h"
@@ -61,7 +62,10 @@ void check_options(const WriterOptions& options, const std::string& path) {
 // ftruncate calls, each of which waits for in-flight direct I/O.
 void reserve_size(int fd, const std::string& path, std::uint64_t end, std::uint64_t& reserved) {
   if (end <= reserved) return;
-  const std::uint64_t target = std::max(end, 2 * reserved);
+  constexpr auto kMaxFileSize = static_cast<std::uint64_t>(std::numeric_limits<off_t>::max());
+  if (end > kMaxFileSize) throw_io_error(EFBIG, "ftruncate", path);
+  const std::uint64_t doubled = reserved > kMaxFileSize / 2 ? kMaxFileSize : 2 * reserved;
+  const std::uint64_t target = std::max(end, doubled);
   int rc;
   do {
     rc = ::ftruncate(fd, static_cast<off_t>(target));
@@ -74,10 +78,13 @@ void reserve_size(int fd, const std::string& path, std::uint64_t end, std::uint6
 // `payload` bytes (the rest is block padding) count toward the checksum.
 void queue_chunks(AioQueue& queue, int tag, const std::uint8_t* data, std::size_t size,
                   std::size_t payload, std::uint64_t offset, std::size_t block_size) {
-  for (std::size_t done = 0; done < size; done += block_size) {
+  // `done` advances by what was queued, never by block_size: a block size near
+  // SIZE_MAX would wrap the sum back below `size` and queue the same bytes again.
+  for (std::size_t done = 0; done < size;) {
     const std::size_t len = std::min(block_size, size - done);
     const std::size_t checksum_len = payload > done ? std::min(len, payload - done) : 0;
     queue.enqueue(tag, data + done, len, offset + done, checksum_len);
+    done += len;
   }
 }
 
@@ -111,15 +118,21 @@ void finish_file(UniqueFd& fd, const std::string& path, std::uint64_t exact_size
 
 AioWriter::AioWriter(std::string path, std::uint8_t* staging, std::size_t half_bytes,
                      WriterOptions options)
-    : path_(std::move(path)),
-      options_(options),
-      halves_{staging, staging + half_bytes},
-      half_bytes_(half_bytes) {
+    : path_(std::move(path)), options_(options), halves_{staging, nullptr}, half_bytes_(half_bytes) {
   check_options(options_, path_);
-  if (half_bytes_ == 0 || half_bytes_ % kDirectAlignment != 0 ||
-      reinterpret_cast<std::uintptr_t>(staging) % kDirectAlignment != 0) {
+  const auto address = reinterpret_cast<std::uintptr_t>(staging);
+  if (half_bytes_ == 0 || half_bytes_ % kDirectAlignment != 0 || address % kDirectAlignment != 0) {
     throw_io_error(EINVAL, "open (staging buffer must be 4096-aligned whole blocks)", path_);
   }
+  // Both halves must lie inside the address space; that they lie inside the
+  // caller's buffer is the binding's check, which knows the buffer's size.
+  std::uintptr_t staging_end;
+  if (half_bytes_ > std::numeric_limits<std::size_t>::max() / 2 ||
+      __builtin_add_overflow(address, 2 * half_bytes_, &staging_end)) {
+    throw_io_error(EINVAL, "open (staging halves of " + std::to_string(half_bytes_) +
+                               " bytes overflow the address space)", path_);
+  }
+  halves_[1] = staging + half_bytes_;
   fd_ = open_for_write(path_, direct_);
   queue_ = std::make_unique<AioQueue>(fd_.get(), path_, options_.queue_depth);
 }

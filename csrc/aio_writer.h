@@ -29,6 +29,9 @@ struct WriterOptions {
 // queued and copying continues into the other half, so memcpy overlaps disk
 // writes. The unaligned tail is written padded to a whole block and the file
 // is then truncated to its exact length, without reopening it.
+//
+// One call at a time: a writer is not thread-safe (the Python binding refuses
+// a second concurrent call). Every size is checked without overflow.
 class AioWriter {
  public:
   AioWriter(std::string path, std::uint8_t* staging, std::size_t half_bytes, WriterOptions options);

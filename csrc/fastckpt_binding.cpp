@@ -1,9 +1,13 @@
-// Python binding of the writer: torch tensors in, OSError out, GIL released during I/O.
+// Python binding of the writer: torch tensors in, OSError out, GIL released during I/O, one call at a time.
 #include <torch/python.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <stdexcept>
 #include <string>
 
 #include "aio_reader.h"
@@ -18,15 +22,70 @@ namespace py = pybind11;
 namespace ds_fastckpt {
 namespace {
 
+// The 4096-aligned start of `buffer`, after checking that `needed` bytes fit
+// from there. Every size is compared, never added first: a sum near SIZE_MAX
+// wraps to a small number and would pass the check (half_bytes=2**63 did).
 std::uint8_t* aligned_bytes(const torch::Tensor& buffer, std::size_t needed, const char* what) {
-  TORCH_CHECK(buffer.device().is_cpu() && buffer.scalar_type() == torch::kUInt8 &&
-                  buffer.is_contiguous(),
-              what, " must be a contiguous uint8 CPU tensor");
-  auto base = reinterpret_cast<std::uintptr_t>(buffer.data_ptr());
-  const std::uintptr_t aligned = (base + kDirectAlignment - 1) / kDirectAlignment * kDirectAlignment;
-  TORCH_CHECK(aligned - base + needed <= static_cast<std::size_t>(buffer.numel()), what,
-              " holds ", buffer.numel(), " bytes; ", needed, " aligned bytes are needed");
-  return reinterpret_cast<std::uint8_t*>(aligned);
+  if (!buffer.device().is_cpu() || buffer.scalar_type() != torch::kUInt8 || !buffer.is_contiguous()) {
+    throw py::value_error(std::string(what) + " must be a contiguous uint8 CPU tensor");
+  }
+  const auto base = reinterpret_cast<std::uintptr_t>(buffer.data_ptr());
+  const std::size_t skip = (kDirectAlignment - base % kDirectAlignment) % kDirectAlignment;
+  const auto size = static_cast<std::size_t>(buffer.numel());
+  if (skip > size || needed > size - skip) {
+    throw py::value_error(std::string(what) + " holds " + std::to_string(size) + " bytes, " +
+                          std::to_string(size > skip ? size - skip : 0) + " of them 4096-aligned; " +
+                          std::to_string(needed) + " aligned bytes are needed");
+  }
+  return reinterpret_cast<std::uint8_t*>(base + skip);
+}
+
+// The native writer and reader are single-threaded objects whose calls run with
+// the GIL released, so without this two Python threads could be inside one at
+// once (two writes interleaving their copies, or close() destroying the queue
+// a write is using: both crashed). A call that finds another one running is
+// refused with RuntimeError naming both, before it touches anything. The lock
+// is only tried, never waited for, while the GIL is held: the running call
+// needs the GIL back to return.
+class ExclusiveCall {
+ public:
+  ExclusiveCall(std::mutex& mutex, std::atomic<const char*>& running, const char* type, const char* call)
+      : lock_(mutex, std::try_to_lock), running_(running) {
+    if (!lock_.owns_lock()) {
+      const char* other = running.load();
+      throw std::runtime_error(std::string(type) + "." + call + "() was called while " + type + "." +
+                               (other != nullptr ? other : "another call") +
+                               "() is running on another thread: a writer is used by one thread at a time, "
+                               "so finish (join) the other thread's call first");
+    }
+    running_.store(call);
+  }
+  ~ExclusiveCall() { running_.store(nullptr); }
+
+  ExclusiveCall(const ExclusiveCall&) = delete;
+  ExclusiveCall& operator=(const ExclusiveCall&) = delete;
+
+ private:
+  std::unique_lock<std::mutex> lock_;
+  std::atomic<const char*>& running_;
+};
+
+// `AioWriter.__new__(AioWriter)` makes an instance whose C++ object was never
+// constructed, and pybind11 hands its methods uninitialized memory as `this`.
+// Every method therefore takes the Python object and goes through this check,
+// which asks pybind11 whether __init__ has completed (holder_constructed).
+template <typename T>
+T& constructed(py::handle self) {
+  if (!py::isinstance<T>(self)) {
+    throw py::type_error(std::string(T::kName) + " method called on a " + Py_TYPE(self.ptr())->tp_name);
+  }
+  auto* instance = reinterpret_cast<py::detail::instance*>(self.ptr());
+  py::detail::value_and_holder held = instance->get_value_and_holder(py::detail::get_type_info(typeid(T)));
+  if (!held || !held.holder_constructed()) {
+    throw py::type_error(std::string(T::kName) + " object was never initialized: create it with " + T::kName +
+                         "(...), not with __new__");
+  }
+  return *held.value_ptr<T>();
 }
 
 // Keeps the staging tensor alive for as long as the native writer can touch it:
@@ -34,42 +93,70 @@ std::uint8_t* aligned_bytes(const torch::Tensor& buffer, std::size_t needed, con
 // in-flight requests) goes before the memory it writes from.
 class PyAioWriter {
  public:
+  static constexpr const char* kName = "AioWriter";
+
   PyAioWriter(const std::string& path, torch::Tensor staging, std::size_t half_bytes,
               std::size_t block_size, unsigned queue_depth, bool fsync)
       : staging_(std::move(staging)) {
-    std::uint8_t* base = aligned_bytes(staging_, 2 * half_bytes, "staging buffer");
+    std::size_t both_halves;
+    if (__builtin_mul_overflow(half_bytes, std::size_t{2}, &both_halves)) {
+      throw py::value_error("half_bytes=" + std::to_string(half_bytes) +
+                            " is not allowed: two halves of it overflow the address space");
+    }
+    std::uint8_t* base = aligned_bytes(staging_, both_halves, "staging buffer");
     py::gil_scoped_release release;
     writer_ = std::make_unique<AioWriter>(path, base, half_bytes,
                                           WriterOptions{block_size, queue_depth, fsync});
   }
 
   void write(const py::buffer& data) {
+    // Before the lock: requesting a buffer can run Python code, which might call
+    // this writer again on this thread.
     py::buffer_info info = data.request();
-    TORCH_CHECK(PyBuffer_IsContiguous(info.view(), 'C'), "write() needs a C-contiguous buffer");
+    if (!PyBuffer_IsContiguous(info.view(), 'C')) throw py::value_error("write() needs a C-contiguous buffer");
     const auto* bytes = static_cast<const std::uint8_t*>(info.ptr);
-    const auto size = static_cast<std::size_t>(info.size * info.itemsize);
+    const auto size = static_cast<std::size_t>(info.size) * static_cast<std::size_t>(info.itemsize);
+    ExclusiveCall call(mutex_, running_, "AioWriter", "write");
     py::gil_scoped_release release;
     writer_->write(bytes, size);
   }
 
   void close() {
+    ExclusiveCall call(mutex_, running_, "AioWriter", "close");
     py::gil_scoped_release release;
     writer_->close();
   }
 
+  // The cleanup path (an exception in a with-block, a dropped writer) must not
+  // fail, so abort waits for a running call instead of refusing; the GIL is
+  // released first, which the running call needs to return.
   void abort() {
     py::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(mutex_);
+    running_.store("abort");
     writer_->abort();
+    running_.store(nullptr);
   }
 
-  std::uint64_t bytes_written() const { return writer_->bytes_written(); }
-  std::uint32_t checksum() const { return writer_->checksum(); }
-  bool is_direct() const { return writer_->is_direct(); }
-  bool is_open() const { return writer_->is_open(); }
+  std::uint64_t bytes_written() {
+    ExclusiveCall call(mutex_, running_, "AioWriter", "bytes_written");
+    return writer_->bytes_written();
+  }
+  std::uint32_t checksum() {
+    ExclusiveCall call(mutex_, running_, "AioWriter", "checksum");
+    return writer_->checksum();
+  }
+  bool is_open() {
+    ExclusiveCall call(mutex_, running_, "AioWriter", "is_open");
+    return writer_->is_open();
+  }
+  bool is_direct() const { return writer_->is_direct(); }  // fixed when the file is opened
 
  private:
   torch::Tensor staging_;
   std::unique_ptr<AioWriter> writer_;
+  std::mutex mutex_;
+  std::atomic<const char*> running_{nullptr};
 };
 
 void write_aligned(const std::string& path, const torch::Tensor& buffer, std::size_t size,
@@ -80,8 +167,15 @@ void write_aligned(const std::string& path, const torch::Tensor& buffer, std::si
 }
 
 // Keeps the buffer alive for as long as the native reader may write into it.
+//
+// Several threads may wait() at once (the queue's own mutex serializes them);
+// finish() destroys the queue they wait on, so it takes the lock exclusively
+// and waits for them to return. Both release the GIL before they block on the
+// lock: a thread inside wait() needs the GIL back to return.
 class PyFileReader {
  public:
+  static constexpr const char* kName = "FileReader";
+
   PyFileReader(const std::string& path, torch::Tensor buffer, std::size_t block_size, unsigned queue_depth)
       : buffer_(std::move(buffer)) {
     std::uint8_t* data = aligned_bytes(buffer_, 0, "buffer");
@@ -91,28 +185,34 @@ class PyFileReader {
     reader_ = std::make_unique<AioFileReader>(path, data, capacity, ReaderOptions{block_size, queue_depth});
   }
 
-  std::uint64_t size() const { return reader_->size(); }
+  std::uint64_t size() const { return reader_->size(); }  // fixed when the file is opened
 
   void wait(std::uint64_t begin, std::uint64_t end) {
     py::gil_scoped_release release;
+    std::shared_lock<std::shared_mutex> lock(mutex_);
     reader_->wait(begin, end);
   }
 
   void finish() {
     py::gil_scoped_release release;
+    std::unique_lock<std::shared_mutex> lock(mutex_);
     reader_->finish();
   }
 
  private:
   torch::Tensor buffer_;
   std::unique_ptr<AioFileReader> reader_;
+  std::shared_mutex mutex_;
 };
+
+PyAioWriter& as_writer(py::handle self) { return constructed<PyAioWriter>(self); }
+PyFileReader& as_reader(py::handle self) { return constructed<PyFileReader>(self); }
 
 std::uint32_t crc32c(const py::buffer& data, std::uint32_t crc) {
   py::buffer_info info = data.request();
-  TORCH_CHECK(PyBuffer_IsContiguous(info.view(), 'C'), "crc32c() needs a C-contiguous buffer");
+  if (!PyBuffer_IsContiguous(info.view(), 'C')) throw py::value_error("crc32c() needs a C-contiguous buffer");
   const auto* bytes = static_cast<const std::uint8_t*>(info.ptr);
-  const auto size = static_cast<std::size_t>(info.size * info.itemsize);
+  const auto size = static_cast<std::size_t>(info.size) * static_cast<std::size_t>(info.itemsize);
   py::gil_scoped_release release;
   return crc32c_extend(crc, bytes, size);
 }
@@ -129,7 +229,10 @@ py::dict fd_counters() {
 }  // namespace ds_fastckpt
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using ds_fastckpt::as_reader;
+  using ds_fastckpt::as_writer;
   using ds_fastckpt::PyAioWriter;
+  using ds_fastckpt::PyFileReader;
   m.doc() = "ds_fastckpt native libaio + O_DIRECT writer";
 
   // OSError(errno, strerror, filename) picks the matching subclass
@@ -149,22 +252,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<const std::string&, torch::Tensor, std::size_t, std::size_t, unsigned, bool>(),
            py::arg("path"), py::arg("staging"), py::arg("half_bytes"), py::arg("block_size"),
            py::arg("queue_depth"), py::arg("fsync"))
-      .def("write", &PyAioWriter::write, py::arg("data"))
-      .def("close", &PyAioWriter::close)
-      .def("abort", &PyAioWriter::abort)
-      .def_property_readonly("bytes_written", &PyAioWriter::bytes_written)
-      .def_property_readonly("checksum", &PyAioWriter::checksum)
-      .def_property_readonly("is_direct", &PyAioWriter::is_direct)
-      .def_property_readonly("is_open", &PyAioWriter::is_open);
+      .def(
+          "write", [](py::handle self, const py::buffer& data) { as_writer(self).write(data); },
+          py::arg("data"))
+      .def("close", [](py::handle self) { as_writer(self).close(); })
+      .def("abort", [](py::handle self) { as_writer(self).abort(); })
+      .def_property_readonly("bytes_written", [](py::handle self) { return as_writer(self).bytes_written(); })
+      .def_property_readonly("checksum", [](py::handle self) { return as_writer(self).checksum(); })
+      .def_property_readonly("is_direct", [](py::handle self) { return as_writer(self).is_direct(); })
+      .def_property_readonly("is_open", [](py::handle self) { return as_writer(self).is_open(); });
 
   m.def("write_aligned", &ds_fastckpt::write_aligned, py::arg("path"), py::arg("buffer"),
         py::arg("size"), py::arg("block_size"), py::arg("queue_depth"), py::arg("fsync"));
-  py::class_<ds_fastckpt::PyFileReader>(m, "FileReader")
+  py::class_<PyFileReader>(m, "FileReader")
       .def(py::init<const std::string&, torch::Tensor, std::size_t, unsigned>(), py::arg("path"),
            py::arg("buffer"), py::arg("block_size"), py::arg("queue_depth"))
-      .def_property_readonly("size", &ds_fastckpt::PyFileReader::size)
-      .def("wait", &ds_fastckpt::PyFileReader::wait, py::arg("begin"), py::arg("end"))
-      .def("finish", &ds_fastckpt::PyFileReader::finish);
+      .def_property_readonly("size", [](py::handle self) { return as_reader(self).size(); })
+      .def(
+          "wait",
+          [](py::handle self, std::uint64_t begin, std::uint64_t end) { as_reader(self).wait(begin, end); },
+          py::arg("begin"), py::arg("end"))
+      .def("finish", [](py::handle self) { as_reader(self).finish(); });
   m.def("crc32c", &ds_fastckpt::crc32c, py::arg("data"), py::arg("crc") = 0,
         "CRC-32C of a buffer, extending `crc`; the checksum manifests record.");
   m.def("_arm_fault", &ds_fastckpt::faults::arm, py::arg("point"), py::arg("errno"), py::arg("skip"),

@@ -156,7 +156,7 @@ def _ls(args) -> int:
     save_dir = _existing_dir(args.dir)
     keep_last, keep_every = args.keep_last or 0, args.keep_every
     if args.config is not None:
-        options = parse_fast_aio(json.loads(args.config.read_text()).get("checkpoint") or {})
+        options = parse_fast_aio(json.loads(args.config.read_text()).get("checkpoint") or {}, check_host=False)
         keep_last, keep_every = options.keep_last, options.keep_every
     rows = _rows(save_dir, keep_last, keep_every)
     if args.json:

@@ -138,12 +138,13 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._checkpoint_save_next = False  # set by save_checkpoint: the next create() starts a checkpoint
         self._file_save = False  # between create() and commit() of a save that is not a checkpoint
         self._failed_pending: Optional[Path] = None  # pending dir of a save that failed, removed at the next
+        load_op()  # build or load the op now, not in the middle of the first save
+        self._staging_buffer()  # allocate (and pin) the staging halves now: a failure surfaces at initialize
         self._group = collectives.bounded_group(options.commit_timeout_s)
         _live_engines.add(self)
         if options.async_save:
             self._background = BackgroundWriter()
             _commit_at_exit(self)
-        load_op()  # build or load the op now, not in the middle of the first save
 
     def prepare_save(self, step: Optional[int], save_latest: bool) -> None:
         """Called by the ``save_checkpoint`` hook: the step for the manifest and whether to write ``latest``.

@@ -24,6 +24,7 @@ class StagingBuffer:
 
     Raises:
         ValueError: if ``io_buffer_size`` is not a positive multiple of 4096.
+        MemoryError: if the host cannot allocate (or pin) the two halves.
     """
 
     def __init__(self, io_buffer_size: int):
@@ -32,7 +33,12 @@ class StagingBuffer:
             raise ValueError(f"io_buffer_size={io_buffer_size!r} is not allowed: "
                              f"it must be a positive multiple of {DIRECT_ALIGNMENT}")
         self.io_buffer_size = io_buffer_size
-        self.tensor = _allocate(2 * io_buffer_size + DIRECT_ALIGNMENT)
+        nbytes = 2 * io_buffer_size + DIRECT_ALIGNMENT  # the slack lets the op start at a 4096-aligned address
+        try:
+            self.tensor = _allocate(nbytes)
+        except (RuntimeError, MemoryError) as error:  # torch's CPU allocator and pinning raise RuntimeError
+            raise MemoryError(f"cannot allocate the staging buffer for io_buffer_size={io_buffer_size}: "
+                              f"{nbytes} bytes of host memory are needed ({error}); lower io_buffer_size") from error
         self._lock = threading.Lock()
 
     @property

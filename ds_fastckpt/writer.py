@@ -5,6 +5,7 @@ import functools
 import io
 import logging
 import os
+import threading
 from typing import Optional
 
 from torch.serialization import get_crc32_options, set_crc32_options
@@ -18,6 +19,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = 1 << 20
 DEFAULT_QUEUE_DEPTH = 8
 DEFAULT_IO_BUFFER_SIZE = 16 << 20
+# The deepest queue the op accepts (csrc/aio_queue.h kMaxQueueDepth): far beyond what a disk gains from, and
+# the kernel's default fs.aio-max-nr, which io_setup() checks every queue against.
+MAX_QUEUE_DEPTH = 65536
 
 _warned_buffered_dirs = set()
 
@@ -75,7 +79,10 @@ class AioFileWriter(io.RawIOBase):
     thread; ``checksum`` returns it after ``close()``.
 
     A writer dropped without ``close()`` closes its descriptor without fsync.
-    Like other raw file objects, a writer is used by one thread at a time.
+    Like other raw file objects, a writer is used by one thread at a time: a
+    call made while another thread is inside ``write()``, ``close()`` or
+    ``tell()`` raises ``RuntimeError`` and changes nothing (the op runs with
+    the GIL released, so the two would otherwise be inside it at once).
     If the filesystem refuses O_DIRECT, the file is written buffered and
     fsynced, with one warning per directory.
 
@@ -84,7 +91,7 @@ class AioFileWriter(io.RawIOBase):
         io_buffer_size: bytes per staging half (two halves are used); a
             positive multiple of 4096. Defaults to ``staging.io_buffer_size``
             when a staging buffer is given, else 16 MiB.
-        queue_depth: libaio requests in flight; positive.
+        queue_depth: libaio requests in flight; 1 to ``MAX_QUEUE_DEPTH`` (65536).
         block_size: bytes per request; a positive multiple of 4096.
         fsync: fsync before closing, so the file survives a power loss.
         staging: a ``StagingBuffer`` to reuse across writers; by default each
@@ -105,6 +112,8 @@ class AioFileWriter(io.RawIOBase):
                  staging: Optional[StagingBuffer] = None):
         super().__init__()
         self._native = None
+        self._busy = threading.Lock()  # held by the one thread inside the op; see _claim
+        self._running = ""
         self._error: Optional[OSError] = None
         self._finished = False
         self.name = os.fspath(path)
@@ -114,8 +123,10 @@ class AioFileWriter(io.RawIOBase):
             raise ValueError(f"io_buffer_size={io_buffer_size!r} is not allowed with a staging buffer of "
                              f"{staging.io_buffer_size} bytes per half: leave it out or make them equal")
         _check_positive_multiple("block_size", block_size, DIRECT_ALIGNMENT)
-        if isinstance(queue_depth, bool) or not isinstance(queue_depth, int) or queue_depth <= 0:
-            raise ValueError(f"queue_depth={queue_depth!r} is not allowed: it must be a positive integer")
+        if (isinstance(queue_depth, bool) or not isinstance(queue_depth, int)
+                or not 0 < queue_depth <= MAX_QUEUE_DEPTH):
+            raise ValueError(f"queue_depth={queue_depth!r} is not allowed: it must be a positive integer, at most "
+                             f"{MAX_QUEUE_DEPTH}")
         self._staging = staging
         staging.acquire()
         try:
@@ -132,7 +143,7 @@ class AioFileWriter(io.RawIOBase):
 
     def tell(self) -> int:
         self._checkClosed()
-        return self._native.bytes_written
+        return self.bytes_written
 
     def write(self, data) -> int:
         self._checkClosed()
@@ -140,11 +151,15 @@ class AioFileWriter(io.RawIOBase):
         if not view.c_contiguous:
             raise ValueError("AioFileWriter.write() needs a C-contiguous bytes-like object")
         size = view.nbytes
-        if self._error is None:
-            try:
-                self._native.write(data)
-            except OSError as error:
-                self._error = error  # the op has already closed the descriptor
+        self._claim("write")
+        try:
+            if self._error is None:
+                try:
+                    self._native.write(data)
+                except OSError as error:
+                    self._error = error  # the op has already closed the descriptor
+        finally:
+            self._busy.release()
         return size
 
     def flush(self) -> None:
@@ -155,13 +170,17 @@ class AioFileWriter(io.RawIOBase):
     def close(self) -> None:
         if self.closed:
             return
+        self._claim("close")  # before anything is released: a write running elsewhere still uses the staging
         try:
             if self._error is not None:
                 raise self._error
             self._native.close()
             self._finished = True
         finally:
-            self._release()
+            try:
+                self._release()
+            finally:
+                self._busy.release()
 
     @property
     def is_direct(self) -> bool:
@@ -171,7 +190,11 @@ class AioFileWriter(io.RawIOBase):
     @property
     def bytes_written(self) -> int:
         """Bytes accepted so far; after a successful ``close()``, the size of the file."""
-        return self._native.bytes_written
+        self._claim("bytes_written")
+        try:
+            return self._native.bytes_written
+        finally:
+            self._busy.release()
 
     @property
     def checksum(self) -> int:
@@ -195,8 +218,23 @@ class AioFileWriter(io.RawIOBase):
         if self._native is not None and not self.closed:
             self._abandon()
 
+    def _claim(self, call: str) -> None:
+        """Marks ``call`` as the one running, or refuses it while another thread is inside this writer.
+
+        Refuses rather than waits: two threads taking turns would interleave their bytes into one file that
+        loads as garbage, so concurrent use is a bug to report, not to serialize.
+
+        Raises:
+            RuntimeError: naming both calls; nothing has changed.
+        """
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(f"AioFileWriter.{call}() on {self.name} was called while {self._running}() is running "
+                               f"on another thread: a writer is used by one thread at a time; finish (join) that "
+                               f"call first")
+        self._running = call
+
     def _abandon(self) -> None:
-        self._native.abort()
+        self._native.abort()  # waits for a call still running on another thread, then closes without fsync
         self._release()
 
     def _release(self) -> None:

@@ -184,11 +184,24 @@ def test_staging_is_host_memory_without_accelerator():
     (dict(block_size=True), "block_size=True is not allowed"),
     (dict(queue_depth=0), "queue_depth=0 is not allowed: it must be a positive integer"),
     (dict(queue_depth=2.5), "queue_depth=2.5 is not allowed"),
+    (dict(queue_depth=65537), "queue_depth=65537 is not allowed: it must be a positive integer, at most 65536"),
+    (dict(queue_depth=2**31), "queue_depth=2147483648 is not allowed"),
 ])
 def test_bad_arguments_are_named(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         AioFileWriter(tmp_path / "bad.bin", **kwargs)
     assert not (tmp_path / "bad.bin").exists()
+
+
+def test_staging_allocation_failure_names_io_buffer_size():
+    # 2 x 16 TiB: more than any host here has, so the allocator refuses it (with overcommit heuristics on)
+    with open("/proc/sys/vm/overcommit_memory") as file:
+        if file.read().strip() == "1":
+            pytest.skip("vm.overcommit_memory=1 lets any allocation succeed")
+    with pytest.raises(MemoryError, match=f"cannot allocate the staging buffer for io_buffer_size={1 << 44}: "
+                                          f"{(2 << 44) + 4096} bytes of host memory are needed .*; lower "
+                                          f"io_buffer_size$"):
+        StagingBuffer(1 << 44)
 
 
 def test_staging_size_mismatch_is_named(tmp_path):
