@@ -3,6 +3,7 @@ import os
 import subprocess
 
 import pytest
+import torch
 
 from ds_fastckpt import open_fds_under, op_fd_counters
 from ds_fastckpt.save_dir_lock import LOCK_NAME
@@ -24,6 +25,15 @@ def no_fd_leaks(tmp_path):
 def filesystem_type(path) -> str:
     return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True,
                           check=True).stdout.strip()
+
+
+@pytest.fixture
+def restore_safe_globals():
+    """Puts torch's process-wide allowlist (add_safe_globals) back as it was: tests add to it."""
+    before = torch.serialization.get_safe_globals()
+    yield
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(before)
 
 
 @pytest.fixture

@@ -74,15 +74,6 @@ def load(blob: bytes):
     return safe_load.load(MemoryFile(blob), path="crafted.pt")
 
 
-@pytest.fixture
-def restore_safe_globals():
-    """Puts torch's user allowlist back as it was: tests add to it."""
-    before = torch.serialization.get_safe_globals()
-    yield
-    torch.serialization.clear_safe_globals()
-    torch.serialization.add_safe_globals(before)
-
-
 # What is admitted --------------------------------------------------------------------------------------------------
 
 

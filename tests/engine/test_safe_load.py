@@ -32,15 +32,6 @@ class StepRecord:
 
 
 @pytest.fixture
-def restore_safe_globals():
-    """Puts torch's process-wide allowlist back as it was: tests add to it."""
-    before = torch.serialization.get_safe_globals()
-    yield
-    torch.serialization.clear_safe_globals()
-    torch.serialization.add_safe_globals(before)
-
-
-@pytest.fixture
 def hostile_checkpoint(tmp_path):
     engine = init_engine(1, {"keep_last": 0})
     train(engine, 1)
