@@ -1,9 +1,9 @@
 """SIGKILL a training job at named points of a save and at random moments; resume must never see a partial
 checkpoint, and once a save has completed there must always be one.
 
-``make test`` runs 30 kills, half of them with sync and half with async saves (DS_FASTCKPT_KILLS);
-``make test-long`` runs 200. Even-numbered kills hit the named save points in turn, odd ones a random
-moment after the job has started.
+``make test`` runs 24 kills, half of them with sync and half with async saves (DS_FASTCKPT_KILLS);
+``make test-long`` runs 200. Even-numbered kills hit the named save points in turn (each once per mode
+in ``make test``), odd ones a random moment after the job has started.
 """
 
 import os
@@ -20,7 +20,7 @@ from ds_fastckpt.records import complete_checkpoints, scan
 from ds_fastckpt.save_points import POINTS
 from tests.ds_helpers import full_state, init_engine, train
 
-KILLS_PER_MODE = int(os.environ.get("DS_FASTCKPT_KILLS", "30")) // 2
+KILLS_PER_MODE = int(os.environ.get("DS_FASTCKPT_KILLS", "24")) // 2
 STEPS_PER_CHILD = 6
 CHILD = Path(__file__).resolve().parent / "kill_child.py"
 REPO = Path(__file__).resolve().parents[2]
