@@ -18,6 +18,7 @@ from .atomicity import tag_of_internal_name
 from .integrity import CheckpointIntegrityError
 from .manifest import MANIFEST_NAME
 from .records import CheckpointRecord, complete_checkpoints, scan
+from .small_files import excerpt, read_small_file
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ def read_latest(save_dir: Path) -> Optional[str]:
     255 bytes, control characters such as a second line) counts as
     unreadable, with a warning that quotes an excerpt at most.
     """
-    from .small_files import excerpt, read_small_file
-
     path = Path(save_dir) / LATEST_NAME
     try:
         raw = read_small_file(path)
