@@ -7,6 +7,7 @@ DeepSpeed (torch and deepspeed must already be installed, hence no isolation).
 """
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +17,12 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CSRC_SUFFIXES = (".cpp", ".h")
+
+
+def version() -> str:
+    """The version from ds_fastckpt/_version.py, read as text: the package cannot be imported before install."""
+    text = (ROOT / "ds_fastckpt" / "_version.py").read_text(encoding="utf-8")
+    return re.search(r'^__version__ = "([^"]+)"$', text, re.M).group(1)
 
 
 class BuildPyWithCsrc(build_py):
@@ -37,7 +44,7 @@ def prebuilt_extension():
     sys.path.insert(0, str(ROOT))
     try:
         from torch.utils.cpp_extension import BuildExtension
-        from ds_fastckpt.op_builder import FastCkptBuilder
+        from ds_fastckpt.native.op_builder import FastCkptBuilder
     except ImportError as error:
         raise SystemExit("DS_BUILD_FASTCKPT=1 needs torch and deepspeed installed at build time: install them, "
                          f"then run 'DS_BUILD_FASTCKPT=1 pip install --no-build-isolation .' ({error})")
@@ -57,7 +64,7 @@ if prebuilt is not None:
 
 setup(
     name="ds_fastckpt",
-    version="0.1.0",
+    version=version(),
     description="Fast, durable, leak-proof DeepSpeed checkpointing with libaio + O_DIRECT",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
@@ -66,7 +73,7 @@ setup(
     install_requires=["deepspeed>=0.17.1", "torch", "ninja"],
     extras_require={"test": ["pytest", "hypothesis", "matplotlib", "transformers==5.24.0", "accelerate==1.15.0"],
                     "plot": ["matplotlib"]},
-    entry_points={"console_scripts": ["ds-fastckpt=ds_fastckpt.cli:main"]},
+    entry_points={"console_scripts": ["ds-fastckpt=ds_fastckpt.cli.main:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ds_fastckpt.records import complete_checkpoints, scan
+from ds_fastckpt.format.records import complete_checkpoints, scan
 
 
 def world_of_one() -> None:

@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 
-BUILD = "from ds_fastckpt.op_builder import FastCkptBuilder; FastCkptBuilder().jit_load(verbose=False)"
+BUILD = "from ds_fastckpt.native.op_builder import FastCkptBuilder; FastCkptBuilder().jit_load(verbose=False)"
 
 
 def main():

@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from ds_fastckpt.reader import load_file, read_file
+from ds_fastckpt.engine.verified_load import load_file
+from ds_fastckpt.native.reader import read_file
 
 
 def drop_caches() -> None:

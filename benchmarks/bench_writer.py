@@ -23,7 +23,8 @@ import torch
 from torch.serialization import set_crc32_options
 
 from ds_fastckpt import AioFileWriter, StagingBuffer
-from ds_fastckpt.writer import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, load_op
+from ds_fastckpt.native.op import load_op
+from ds_fastckpt.native.writer import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH
 
 
 def make_state_dict(total_bytes: int, tensor_bytes: int = 64 << 20):

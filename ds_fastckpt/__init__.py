@@ -5,24 +5,24 @@ in a ds_config selects ``FastAioCheckpointEngine``. ``wait(engine)`` commits an
 async checkpoint still in flight; ``wait_all()`` does so for every engine of the process.
 """
 
-from . import registration
-from .config import ConfigError, FastAioConfig
-from .deleter import UnsafeDeletionError
-from .disk_guard import InsufficientSpaceError
-from .background import BackgroundWriterError
-from .engine import CommitError, FastAioCheckpointEngine, wait, wait_all
-from .fd_accounting import OpenFd, OpFdCounters, deleted_fds_under, open_fds, open_fds_under, op_fd_counters
-from .fd_audit import FdLeakError
-from .integrity import CheckpointIntegrityError
-from .manifest import ManifestError
-from .op_builder import FastCkptBuilder
-from .safe_load import UnsafeCheckpointError
-from .save_dir_lock import SaveDirLockedError
-from .staging import StagingBuffer
-from .tags import InvalidTagError
-from .writer import AioFileWriter
-
-__version__ = "0.1.0"
+from ds_fastckpt._version import __version__
+from ds_fastckpt.decisions.deleter import UnsafeDeletionError
+from ds_fastckpt.decisions.disk_guard import InsufficientSpaceError
+from ds_fastckpt.decisions.fd_audit import FdLeakError
+from ds_fastckpt.engine import registration
+from ds_fastckpt.engine.background import BackgroundWriterError
+from ds_fastckpt.engine.checkpoint_engine import CommitError, FastAioCheckpointEngine, wait, wait_all
+from ds_fastckpt.engine.config import ConfigError, FastAioConfig
+from ds_fastckpt.format.integrity import CheckpointIntegrityError
+from ds_fastckpt.format.manifest import ManifestError
+from ds_fastckpt.format.safe_load import UnsafeCheckpointError
+from ds_fastckpt.format.save_dir_lock import SaveDirLockedError
+from ds_fastckpt.format.tags import InvalidTagError
+from ds_fastckpt.native.fd_accounting import (OpenFd, OpFdCounters, deleted_fds_under, op_fd_counters, open_fds,
+                                              open_fds_under)
+from ds_fastckpt.native.op_builder import FastCkptBuilder
+from ds_fastckpt.native.staging import StagingBuffer
+from ds_fastckpt.native.writer import AioFileWriter
 
 registration.install()
 

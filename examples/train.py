@@ -23,7 +23,7 @@ import torch
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
 import ds_fastckpt  # noqa: F401  (importing it is all the wiring)
-from ds_fastckpt.records import complete_checkpoints, scan
+from ds_fastckpt.format.records import complete_checkpoints, scan
 
 logger = logging.getLogger("train")
 HERE = Path(__file__).resolve().parent

@@ -5,13 +5,15 @@ import subprocess
 import pytest
 import torch
 
-from ds_fastckpt import open_fds_under, op_fd_counters
-from ds_fastckpt.save_dir_lock import LOCK_NAME
+from ds_fastckpt import op_fd_counters, open_fds_under
+from ds_fastckpt.format.names import LOCK_NAME
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def no_fd_leaks(tmp_path):
-    """Every test ends with no descriptor into its tmp dir and the op's opens balanced by closes.
+    """The test ends with no descriptor into its tmp dir and the op's opens balanced by closes.
+
+    Autouse in every folder whose tests use the op (all but ``tests/unit``), through ``check_fd_leaks``.
 
     The save_dir lock of an engine the test did not destroy is held on purpose until the process ends.
     """

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from ds_fastckpt.manifest import MANIFEST_NAME
+from ds_fastckpt.format.names import MANIFEST_NAME
 from tests.ds_helpers import single_process_env
+
+pytestmark = pytest.mark.usefixtures("no_fd_leaks")  # the example saves through the op
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train.py"
 

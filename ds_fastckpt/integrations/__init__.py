@@ -7,14 +7,14 @@ for the Hugging Face ``Trainer``. Importing this package never imports
 
 from typing import Any
 
-from .huggingface import last_complete_checkpoint
+from ds_fastckpt.integrations.huggingface import last_complete_checkpoint
 
 __all__ = ["FastAioTrainerCallback", "last_complete_checkpoint"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "FastAioTrainerCallback":
-        from . import huggingface
+        from ds_fastckpt.integrations import huggingface
 
         return huggingface.FastAioTrainerCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

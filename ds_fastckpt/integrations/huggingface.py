@@ -33,8 +33,8 @@ import re
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from ..integrity import CheckpointIntegrityError
-from ..resume import choose_resume_tag
+from ds_fastckpt.decisions.resume import choose_resume_tag
+from ds_fastckpt.format.integrity import CheckpointIntegrityError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def last_complete_checkpoint(output_dir) -> Optional[str]:
     """The newest ``output_dir/checkpoint-N`` that holds a complete DeepSpeed checkpoint.
 
     "Complete" means what ``engine.load_checkpoint(checkpoint-N)`` without a
-    tag would resume from (see ``ds_fastckpt.resume.choose_resume_tag``): a
+    tag would resume from (see ``ds_fastckpt.decisions.resume.choose_resume_tag``): a
     ``checkpoint-N`` whose only DeepSpeed tag is still pending, because the
     job died while an async save was in flight, is passed over for an older
     one. A ``checkpoint-N`` whose checkpoint is damaged
@@ -91,7 +91,7 @@ def _checkpoint_dirs(output_dir) -> List[Tuple[int, Path]]:
 
 
 def _commit_in_flight(why: str) -> None:
-    from .. import wait_all
+    from ds_fastckpt import wait_all
 
     logger.debug("committing the checkpoint in flight: %s", why)
     wait_all()

@@ -34,8 +34,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 
 from ds_fastckpt import open_fds_under  # noqa: E402
 from ds_fastckpt.integrations import FastAioTrainerCallback, last_complete_checkpoint  # noqa: E402
-from ds_fastckpt.resume import choose_resume_tag  # noqa: E402
-from ds_fastckpt.save_dir_lock import LOCK_NAME  # noqa: E402
+from ds_fastckpt.decisions.resume import choose_resume_tag  # noqa: E402
+from ds_fastckpt.format.names import LOCK_NAME
 
 STEPS = 8
 SEQ = 16

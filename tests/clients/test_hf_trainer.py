@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ds_fastckpt.format.names import MANIFEST_NAME
 from ds_fastckpt.integrations import last_complete_checkpoint
-from ds_fastckpt.manifest import MANIFEST_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "hf_worker.py"

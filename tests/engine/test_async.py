@@ -13,8 +13,8 @@ import torch
 
 import ds_fastckpt
 from ds_fastckpt import BackgroundWriterError
-from ds_fastckpt.fault_injection import inject_fault
-from ds_fastckpt.manifest import MANIFEST_NAME
+from ds_fastckpt.format.names import MANIFEST_NAME
+from ds_fastckpt.native.fault_injection import inject_fault
 from tests.ds_helpers import assert_same_state, full_state, init_engine, train
 
 REPO = Path(__file__).resolve().parents[2]

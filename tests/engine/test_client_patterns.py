@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from ds_fastckpt import FdLeakError, open_fds_under, wait
-from ds_fastckpt.manifest import MANIFEST_NAME
-from ds_fastckpt.save_dir_lock import LOCK_NAME
+from ds_fastckpt.format.names import LOCK_NAME, MANIFEST_NAME
 from tests.ds_helpers import assert_same_state, full_state, init_engine, train
 
 

@@ -4,10 +4,11 @@ import re
 
 import pytest
 
-from ds_fastckpt import ConfigError, staging
-from ds_fastckpt import config as config_module
-from ds_fastckpt.config import (MAX_QUEUE_DEPTH, aio_max_nr, aio_tuning, max_io_buffer_size, max_queue_depth,
-                                parse_fast_aio, physical_memory)
+from ds_fastckpt import ConfigError
+from ds_fastckpt.engine import config as config_module
+from ds_fastckpt.engine.config import (MAX_QUEUE_DEPTH, aio_max_nr, aio_tuning, max_io_buffer_size, max_queue_depth,
+                                       parse_fast_aio, physical_memory)
+from ds_fastckpt.native import staging
 from tests.ds_helpers import init_engine
 
 

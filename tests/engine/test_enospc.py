@@ -6,7 +6,7 @@ import numpy
 import pytest
 
 from ds_fastckpt import open_fds_under
-from ds_fastckpt.save_dir_lock import LOCK_NAME
+from ds_fastckpt.format.names import LOCK_NAME
 from tests.ds_helpers import assert_same_state, full_state, init_engine, train
 
 WIDTH = 1024  # about 0.4 MB per checkpoint

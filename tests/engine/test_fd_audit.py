@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-import ds_fastckpt.engine
+import ds_fastckpt.engine.checkpoint_engine
 from ds_fastckpt import AioFileWriter, FdLeakError
 from tests.ds_helpers import init_engine, train
 
@@ -21,7 +21,7 @@ def leaky_writer(monkeypatch):
             super().__init__(path, **kwargs)
             leaked.append(os.open(path, os.O_RDONLY))
 
-    monkeypatch.setattr(ds_fastckpt.engine, "AioFileWriter", LeakyWriter)
+    monkeypatch.setattr(ds_fastckpt.engine.checkpoint_engine, "AioFileWriter", LeakyWriter)
     yield leaked
     for fd in leaked:
         os.close(fd)

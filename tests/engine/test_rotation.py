@@ -3,7 +3,7 @@
 import os
 
 from ds_fastckpt import deleted_fds_under, open_fds_under
-from ds_fastckpt.save_dir_lock import LOCK_NAME
+from ds_fastckpt.format.names import LOCK_NAME
 from tests.ds_helpers import init_engine, train
 
 SCRIPTS = ["zero_to_fp32.py", "zero_to_torch.py"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ds_fastckpt import FastAioCheckpointEngine
-from ds_fastckpt.manifest import MANIFEST_NAME
-from ds_fastckpt.writer import load_op
+from ds_fastckpt.format.names import MANIFEST_NAME
+from ds_fastckpt.native.op import load_op
 from tests.ds_helpers import assert_same_state, full_state, init_engine, train
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from ds_fastckpt import open_fds_under
-from ds_fastckpt.save_dir_lock import LOCK_NAME, SaveDirLockedError
+from ds_fastckpt.format.names import LOCK_NAME
+from ds_fastckpt.format.save_dir_lock import SaveDirLockedError
 from tests.ds_helpers import init_engine, train
 
 REPO = Path(__file__).resolve().parents[2]

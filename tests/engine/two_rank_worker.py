@@ -106,7 +106,7 @@ def keep_last_one(save_dir: Path) -> dict:
 
 def injected_leak(save_dir: Path) -> dict:
     """A writer that keeps an extra descriptor per file, as FastFileWriter did before DeepSpeed 0.19.1."""
-    import ds_fastckpt.engine
+    import ds_fastckpt.engine.checkpoint_engine
     from ds_fastckpt import AioFileWriter, FdLeakError
 
     leaked = []
@@ -117,8 +117,8 @@ def injected_leak(save_dir: Path) -> dict:
             super().__init__(path, **kwargs)
             leaked.append(os.open(path, os.O_RDONLY))
 
-    original = ds_fastckpt.engine.AioFileWriter
-    ds_fastckpt.engine.AioFileWriter = LeakyWriter
+    original = ds_fastckpt.engine.checkpoint_engine.AioFileWriter
+    ds_fastckpt.engine.checkpoint_engine.AioFileWriter = LeakyWriter
     engine = init_engine(1, {"keep_last": 1, "fd_audit": "raise"})
     train(engine, 1)
     try:
@@ -127,7 +127,7 @@ def injected_leak(save_dir: Path) -> dict:
     except FdLeakError as error:
         message = str(error)
     finally:
-        ds_fastckpt.engine.AioFileWriter = original
+        ds_fastckpt.engine.checkpoint_engine.AioFileWriter = original
         for fd in leaked:
             os.close(fd)
     return {"leaked": len(leaked), "message": message}
@@ -137,7 +137,7 @@ def failing_write_on_one_rank(save_dir: Path, rank: int, async_save: bool) -> di
     """Rank 1's write fails with EIO: every rank must raise at the commit (none waits), then train and save on."""
     import errno
 
-    from ds_fastckpt.fault_injection import inject_fault
+    from ds_fastckpt.native.fault_injection import inject_fault
 
     engine = init_engine(2, {"keep_last": 2, "async": async_save})
     train(engine, 1)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ds_fastckpt import save_points  # noqa: E402
+from ds_fastckpt.faults import save_points  # noqa: E402
 from tests.ds_helpers import init_engine, single_process_env, train  # noqa: E402
 
 

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ds_fastckpt import save_points  # noqa: E402
+from ds_fastckpt.faults import save_points  # noqa: E402
 from tests.ds_helpers import full_state, init_engine, train  # noqa: E402
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from ds_fastckpt import save_points  # noqa: E402
+from ds_fastckpt.faults import save_points  # noqa: E402
 from tests.ds_helpers import full_state, init_engine, train  # noqa: E402
 
 COMMIT_TIMEOUT_S = 15

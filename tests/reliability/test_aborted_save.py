@@ -4,7 +4,7 @@ committed, not by the next save nor, in async mode, at the next step."""
 import pytest
 from deepspeed.runtime.engine import DeepSpeedEngine
 
-from ds_fastckpt.records import complete_checkpoints, scan
+from ds_fastckpt.format.records import complete_checkpoints, scan
 from tests.ds_helpers import init_engine, train
 
 

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ds_fastckpt import ConfigError, FastAioConfig
-from ds_fastckpt.config import parse_fast_aio
+from ds_fastckpt.engine.config import parse_fast_aio
 from tests.ds_helpers import init_engine
 
 KEYS = ["keep_last", "keep_every", "fsync", "verify", "fd_audit", "io_buffer_size", "torch_crc32", "trusted_pickles",

@@ -12,7 +12,7 @@ import zipfile
 import pytest
 
 from ds_fastckpt import CheckpointIntegrityError
-from ds_fastckpt.manifest import MANIFEST_NAME
+from ds_fastckpt.format.names import MANIFEST_NAME
 from tests.ds_helpers import assert_same_state, full_state, init_engine, save_twice
 
 MODEL = "mp_rank_00_model_states.pt"

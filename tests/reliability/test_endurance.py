@@ -7,7 +7,7 @@ import os
 import resource
 
 from ds_fastckpt import deleted_fds_under, open_fds_under
-from ds_fastckpt.save_dir_lock import LOCK_NAME
+from ds_fastckpt.format.names import LOCK_NAME
 from tests.ds_helpers import init_engine, train
 
 CYCLES = int(os.environ.get("DS_FASTCKPT_ENDURANCE_CYCLES", "100"))

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from ds_fastckpt import atomicity
-from ds_fastckpt.atomicity import PENDING_SUFFIX, TRASH_SUFFIX
-from ds_fastckpt.fault_injection import inject_fault
-from ds_fastckpt.manifest import MANIFEST_NAME, PENDING_MARKER_NAME
-from ds_fastckpt.records import complete_checkpoints, scan
+from ds_fastckpt.format import atomicity
+from ds_fastckpt.format.names import MANIFEST_NAME, PENDING_MARKER_NAME, PENDING_SUFFIX, TRASH_SUFFIX
+from ds_fastckpt.format.records import complete_checkpoints, scan
+from ds_fastckpt.native.fault_injection import inject_fault
 from tests.ds_helpers import assert_same_state, full_state, init_engine, train
 
 

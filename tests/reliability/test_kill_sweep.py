@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_fastckpt.records import complete_checkpoints, scan
-from ds_fastckpt.save_points import POINTS
+from ds_fastckpt.faults.save_points import POINTS
+from ds_fastckpt.format.records import complete_checkpoints, scan
 from tests.ds_helpers import full_state, init_engine, train
 
 KILLS_PER_MODE = int(os.environ.get("DS_FASTCKPT_KILLS", "24")) // 2

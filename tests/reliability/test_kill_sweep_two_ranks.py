@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from ds_fastckpt.records import complete_checkpoints, scan
-from ds_fastckpt.save_points import POINTS
+from ds_fastckpt.faults.save_points import POINTS
+from ds_fastckpt.format.records import complete_checkpoints, scan
 
 KILLS = int(os.environ.get("DS_FASTCKPT_TWO_RANK_KILLS", "8"))
 STEPS_PER_JOB = 6

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_fastckpt.records import complete_checkpoints, scan
+from ds_fastckpt.format.records import complete_checkpoints, scan
 from tests.ds_helpers import free_port
 
 WORKER = Path(__file__).resolve().parent / "rank_failure_worker.py"

@@ -18,9 +18,7 @@ from typing import List, Optional
 
 import pytest
 
-from ds_fastckpt.atomicity import pending_path
-from ds_fastckpt.manifest import MANIFEST_NAME
-from ds_fastckpt.resume import LATEST_NAME
+from ds_fastckpt.format.names import LATEST_NAME, MANIFEST_NAME, pending_path
 
 REPO = Path(__file__).resolve().parents[2]
 

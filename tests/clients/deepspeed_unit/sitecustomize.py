@@ -127,6 +127,7 @@ def _wrap_initialize(original):
 
 def _install():
     import deepspeed
+
     import ds_fastckpt  # noqa: F401  registers the fast_aio engine
 
     if not getattr(deepspeed.initialize, _MARK, False):

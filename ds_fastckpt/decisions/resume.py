@@ -1,0 +1,148 @@
+"""Which checkpoint ``load_checkpoint(dir)`` resumes from when no tag is given.
+
+The manifests, not ``latest``, say what is complete: ``latest`` is only a
+hint, since a crash can leave it missing, empty, stale or naming a checkpoint
+that never finished. The newest complete checkpoint by commit order wins; one
+warning says so whenever that is not simply what ``latest`` names. The one
+exception is a run switched to fast_aio: ``latest`` naming a directory another
+engine wrote after our newest commit is resumed from, with a warning.
+"""
+
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+from ds_fastckpt.format.integrity import CheckpointIntegrityError
+from ds_fastckpt.format.names import LATEST_NAME, MANIFEST_NAME, tag_of_internal_name
+from ds_fastckpt.format.records import CheckpointRecord, complete_checkpoints, scan
+from ds_fastckpt.format.small_files import excerpt, read_small_file
+
+logger = logging.getLogger(__name__)
+
+SKIP_OPTION = "checkpoint.fast_aio.skip_damaged_on_resume"
+
+
+def read_latest(save_dir: Path) -> Optional[str]:
+    """The tag ``latest`` names, or None when it is missing, empty or unreadable.
+
+    ``latest`` is a hint anyone may have written, so it is read as untrusted
+    (``small_files``): a FIFO, a symlink, a device, more than 4096 bytes,
+    text that is not UTF-8, or that cannot be a directory name (longer than
+    255 bytes, control characters such as a second line) counts as
+    unreadable, with a warning that quotes an excerpt at most.
+    """
+    path = Path(save_dir) / LATEST_NAME
+    try:
+        raw = read_small_file(path)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        logger.warning("ignoring %s: %s", path, error.strerror or error)
+        return None
+    try:
+        text = raw.decode().strip()
+    except UnicodeDecodeError:
+        logger.warning("ignoring %s: it is not UTF-8 text: %s", path, excerpt(raw))
+        return None
+    if len(text.encode()) > 255 or any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
+        logger.warning("ignoring %s: it does not hold one checkpoint tag: %s", path, excerpt(text))
+        return None
+    return text or None
+
+
+def choose_resume_tag(save_dir, damage_of: Optional[Callable[[CheckpointRecord], Optional[str]]] = None
+                      ) -> Tuple[Optional[str], str]:
+    """The tag to resume from and why; (None, reason) when there is no complete checkpoint.
+
+    Logs one warning when the choice differs from what ``latest`` says.
+    ``damage_of`` (given with ``skip_damaged_on_resume``) says why a
+    checkpoint is damaged, or None: checkpoints are then tried newest first,
+    and damaged ones, and those whose manifest cannot be read, are skipped
+    with a warning naming the damage. Without it a manifest that cannot be
+    read stops the resume, since its checkpoint may be newer than every
+    readable one and resuming would silently go back past it.
+
+    Raises:
+        CheckpointIntegrityError: for a manifest that cannot be read, without ``damage_of``.
+    """
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return None, f"{save_dir} does not exist"
+    records = scan(save_dir)
+    skipped = {record.tag: record.damaged for record in records if record.damaged}
+    if skipped and damage_of is None:
+        raise CheckpointIntegrityError(f"{next(iter(skipped.values()))}; not resuming from an older checkpoint past "
+                                       f"it: repair or remove that directory, pass a tag, or set {SKIP_OPTION}=true")
+    newest = None
+    for record in reversed(complete_checkpoints(records)):
+        damage = damage_of(record) if damage_of is not None else None
+        if damage is None:
+            newest = record.tag
+            break
+        skipped[record.tag] = damage
+    for damage in skipped.values():
+        logger.warning("skipping a damaged checkpoint (%s=true): %s", SKIP_OPTION, damage)
+    if newest is None and skipped:
+        raise CheckpointIntegrityError(f"every checkpoint in {save_dir} is damaged; the newest: "
+                                       f"{next(iter(skipped.values()))}")
+    latest = read_latest(save_dir)
+    foreign = _newer_foreign_checkpoint(save_dir, latest, records, newest)
+    if foreign is not None:
+        reason = (f"'latest' names {latest!r}, a checkpoint written by another checkpoint engine (no "
+                  f"{MANIFEST_NAME}), newer than any ds_fastckpt checkpoint in {save_dir}: resuming from it; its "
+                  "files carry no checksums and are not verified")
+        logger.warning(reason)
+        return latest, reason
+    if newest is None:
+        return None, f"{save_dir} holds no complete ds_fastckpt checkpoint"
+    if latest == newest:
+        return newest, f"'latest' names {newest}, the newest complete checkpoint"
+    if latest is None:
+        why = "'latest' is missing or empty"
+    elif latest in skipped:
+        why = f"'latest' names {latest!r}, which is damaged"
+    elif latest in {record.tag for record in records if record.complete}:
+        why = f"'latest' names {latest!r}, an older checkpoint than the newest complete one"
+    else:
+        why = f"'latest' names {latest!r}, which is not a complete checkpoint"
+    reason = f"{why}; resuming from {newest!r}, the newest complete checkpoint in {save_dir}"
+    logger.warning(reason)
+    return newest, reason
+
+
+def _newer_foreign_checkpoint(save_dir: Path, latest: Optional[str], records, newest: Optional[str]
+                              ) -> Optional[Path]:
+    """The directory ``latest`` names when another engine wrote it after our newest checkpoint, else None.
+
+    A run switched to fast_aio from DeepSpeed's default engine has tag
+    directories without a manifest and a ``latest`` naming one of them.
+    Such a directory, if it holds a model states file as every DeepSpeed
+    checkpoint does, is resumed from unless one of ours was committed after
+    it was last written to; it is never ours, so rotation leaves it alone.
+    """
+    if latest is None or latest in (".", "..") or "/" in latest or "\0" in latest or tag_of_internal_name(latest):
+        return None
+    candidate = save_dir / latest
+    try:
+        info = os.lstat(candidate)
+    except (OSError, ValueError):
+        return None
+    if (not stat.S_ISDIR(info.st_mode) or os.path.lexists(candidate / MANIFEST_NAME)
+            or not _has_model_states(candidate)):
+        return None
+    ours = {record.tag: record for record in records if record.complete}
+    if newest is not None and ours[newest].manifest.committed_unix_ns >= info.st_mtime_ns:
+        return None
+    return candidate
+
+
+def _has_model_states(tag_dir: Path) -> bool:
+    """Whether ``tag_dir`` holds a DeepSpeed model states file (``*model_states.pt``), as a regular file."""
+    try:
+        with os.scandir(tag_dir) as entries:
+            return any(entry.name.endswith("model_states.pt") and entry.is_file(follow_symlinks=False)
+                       for entry in entries)
+    except OSError:
+        return False

@@ -1,0 +1,156 @@
+"""Wires the ``fast_aio`` engine into DeepSpeed when ``ds_fastckpt`` is imported.
+
+DeepSpeed picks its checkpoint engine in ``DeepSpeedEngine._configure_checkpointing``
+through the name ``create_checkpoint_engine`` imported into
+``deepspeed.runtime.engine``; replacing that name makes our engine the one
+whose ``is_data_parallel_writer`` decides ``save_non_zero_checkpoint``. Thin
+wrappers on ``DeepSpeedEngine`` act only when the engine is ours:
+``save_checkpoint`` validates the tag before any filesystem call, lets the
+engine write ``latest`` atomically, and marks a checkpoint whose save raised
+so it is never committed; ``load_checkpoint`` first commits a checkpoint
+still in flight, then, without a tag, resumes from the newest complete
+checkpoint whatever ``latest`` says (the newest intact one with
+``skip_damaged_on_resume``; what ``latest_universal`` names with
+``load_universal``), and checks the files against the manifest first;
+``destroy`` also cleans up a synchronous engine of ours (DeepSpeed does so
+for decoupled ones only), which releases its save_dir lock. Installing twice changes nothing.
+"""
+
+import functools
+import inspect
+import logging
+from pathlib import Path
+
+import deepspeed.runtime.engine as ds_engine_module
+from deepspeed.runtime.engine import DeepSpeedEngine
+
+from ds_fastckpt.decisions.resume import SKIP_OPTION
+from ds_fastckpt.engine.checkpoint_engine import FastAioCheckpointEngine
+from ds_fastckpt.engine.config import FAST_AIO, ConfigError, aio_tuning, engine_name, parse_fast_aio
+from ds_fastckpt.format.integrity import CheckpointIntegrityError
+from ds_fastckpt.format.tags import validate_tag
+
+logger = logging.getLogger(__name__)
+
+_MARK = "_ds_fastckpt_hook"
+
+
+def install() -> None:
+    """Hooks DeepSpeed; idempotent."""
+    if not getattr(ds_engine_module.create_checkpoint_engine, _MARK, False):
+        ds_engine_module.create_checkpoint_engine = _hook_create(ds_engine_module.create_checkpoint_engine)
+    if not getattr(DeepSpeedEngine.save_checkpoint, _MARK, False):
+        DeepSpeedEngine.save_checkpoint = _hook_save(DeepSpeedEngine.save_checkpoint)
+    if not getattr(DeepSpeedEngine.load_checkpoint, _MARK, False):
+        DeepSpeedEngine.load_checkpoint = _hook_load(DeepSpeedEngine.load_checkpoint)
+    if not getattr(DeepSpeedEngine.destroy, _MARK, False):
+        DeepSpeedEngine.destroy = _hook_destroy(DeepSpeedEngine.destroy)
+
+
+def create_engine(config_params):
+    """Our engine when ``checkpoint.engine`` is ``"fast_aio"``, None for DeepSpeed's own choice.
+
+    Raises:
+        ConfigError: for an unknown engine name or a bad ``fast_aio`` / ``aio`` value.
+    """
+    section = (getattr(config_params, "_param_dict", None) or {}).get("checkpoint") or {}
+    if engine_name(section) != FAST_AIO:
+        return None
+    if section.get("writer") is not None:
+        raise ConfigError("checkpoint.writer selects DeepSpeed's own FastCheckpointEngine and cannot be combined "
+                          "with checkpoint.engine='fast_aio': remove one of them")
+    options = parse_fast_aio(section)
+    tuning = aio_tuning(getattr(config_params, "aio_config", None) or {})
+    node_local = bool(config_params.checkpoint_config.get("use_node_local_storage", False))
+    return FastAioCheckpointEngine(config_params, options, tuning, node_local=node_local)
+
+
+def _mark(function):
+    setattr(function, _MARK, True)
+    return function
+
+
+def _hook_create(original):
+
+    @functools.wraps(original)
+    def create_checkpoint_engine(config_params, *args, **kwargs):
+        engine = create_engine(config_params) if config_params is not None else None
+        return engine if engine is not None else original(config_params, *args, **kwargs)
+
+    return _mark(create_checkpoint_engine)
+
+
+def _bind_if_ours(signature, self, args, kwargs):
+    """The call's arguments, defaults applied, when ``self`` uses our engine; None otherwise."""
+    if not isinstance(getattr(self, "checkpoint_engine", None), FastAioCheckpointEngine):
+        return None
+    bound = signature.bind(self, *args, **kwargs)
+    bound.apply_defaults()
+    return bound
+
+
+def _hook_save(original):
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def save_checkpoint(self, *args, **kwargs):
+        bound = _bind_if_ours(signature, self, args, kwargs)
+        if bound is None:
+            return original(self, *args, **kwargs)
+        tag = bound.arguments["tag"]
+        validate_tag(f"global_step{self.global_steps}" if tag is None else tag)
+        self.checkpoint_engine.prepare_save(step=self.global_steps, save_latest=bound.arguments["save_latest"])
+        bound.arguments["save_latest"] = False  # the engine writes it, atomically, in commit()
+        try:
+            return original(*bound.args, **bound.kwargs)
+        except BaseException as error:
+            self.checkpoint_engine.save_aborted(error)  # a half-written checkpoint is never committed later
+            raise
+
+    return _mark(save_checkpoint)
+
+
+def _hook_destroy(original):
+
+    @functools.wraps(original)
+    def destroy(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        checkpoint_engine = getattr(self, "checkpoint_engine", None)
+        # DeepSpeed cleans up decoupled engines only; ours also holds the save_dir lock.
+        if isinstance(checkpoint_engine, FastAioCheckpointEngine) and not checkpoint_engine.is_decoupled():
+            checkpoint_engine.cleanup()
+        return result
+
+    return _mark(destroy)
+
+
+def _hook_load(original):
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def load_checkpoint(self, *args, **kwargs):
+        bound = _bind_if_ours(signature, self, args, kwargs)
+        if bound is None:
+            return original(self, *args, **kwargs)
+        self.checkpoint_engine.wait()  # a checkpoint still in flight is what the caller may be about to load
+        load_dir = Path(bound.arguments["load_dir"])
+        tag = bound.arguments["tag"]
+        resuming = tag is None
+        if resuming and self.load_universal_checkpoint():
+            return original(*bound.args, **bound.kwargs)  # DeepSpeed's 'latest_universal' names the folder
+        if resuming:
+            tag, reason = self.checkpoint_engine.resume_tag(load_dir)
+            if tag is None:
+                logger.warning("nothing to resume: %s", reason)
+                return None, None
+            bound.arguments["tag"] = tag
+        try:
+            self.checkpoint_engine.verify_before_load(load_dir.absolute() / validate_tag(tag))
+            return original(*bound.args, **bound.kwargs)
+        except CheckpointIntegrityError as error:
+            if not resuming or self.checkpoint_engine.options.skip_damaged_on_resume:
+                raise
+            raise CheckpointIntegrityError(f"{error}; set {SKIP_OPTION}=true to resume from the newest intact "
+                                           "checkpoint instead") from error
+
+    return _mark(load_checkpoint)

@@ -1,0 +1,240 @@
+"""``AioFileWriter``: a write-only file object that ``torch.save`` writes through libaio + O_DIRECT."""
+
+import contextlib
+import io
+import logging
+import os
+import threading
+from typing import Optional
+
+from torch.serialization import get_crc32_options, set_crc32_options
+
+from ds_fastckpt.native.op import DIRECT_ALIGNMENT, MAX_QUEUE_DEPTH, load_op
+from ds_fastckpt.native.staging import StagingBuffer
+
+logger = logging.getLogger(__name__)
+
+# DeepSpeed's "aio" section defaults for block_size and queue_depth.
+DEFAULT_BLOCK_SIZE = 1 << 20
+DEFAULT_QUEUE_DEPTH = 8
+DEFAULT_IO_BUFFER_SIZE = 16 << 20
+
+_warned_buffered_dirs = set()
+
+
+@contextlib.contextmanager
+def torch_zip_crc32(enabled: bool):
+    """Sets torch's process-wide zip CRC32 switch for the block and restores it after.
+
+    ``torch.save`` computes that CRC on the calling thread (about 2 GB/s here) and ``torch.load``
+    never checks it; the op's own CRC-32C covers every byte written through AioFileWriter.
+    """
+    previous = get_crc32_options()
+    set_crc32_options(enabled)
+    try:
+        yield
+    finally:
+        set_crc32_options(previous)
+
+
+def _check_positive_multiple(name: str, value, multiple: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a positive multiple of {multiple}")
+
+
+class AioFileWriter(io.RawIOBase):
+    """A write-only, non-seekable file whose bytes go to disk through libaio with O_DIRECT.
+
+    ``torch.save(obj, AioFileWriter(path))`` writes exactly the bytes
+    ``torch.save(obj, io.BytesIO())`` would, and ``torch.load(path)`` reads
+    them back. Opening truncates an existing file.
+
+    Data is copied into a staging half; a full half is written with
+    ``queue_depth`` requests of ``block_size`` bytes in flight while the next
+    half fills. ``flush()`` writes nothing: O_DIRECT cannot write a partial
+    block before the end of the file is known, so bytes reach the file when a
+    half fills and at ``close()``. ``close()`` writes the rest, fsyncs (unless
+    ``fsync=False``) and closes the descriptor; when it returns the file is
+    durable.
+
+    The first I/O error closes the descriptor at once and is kept: later
+    writes are discarded, and ``flush()`` and the first ``close()`` raise it
+    as an ``OSError`` with errno and path. ``torch.save`` keeps writing after
+    a failed write and then fails on its own zip bookkeeping; it does call
+    ``flush()`` at the end, which is where it gets the real error. A failed
+    fsync is never retried into a false success. An exception inside a
+    ``with`` block abandons the file: descriptor closed, no fsync.
+
+    The op computes a CRC-32C of the bytes as they go to disk, on its I/O
+    thread; ``checksum`` returns it after ``close()``.
+
+    A writer dropped without ``close()`` closes its descriptor without fsync.
+    Like other raw file objects, a writer is used by one thread at a time: a
+    call made while another thread is inside ``write()``, ``close()`` or
+    ``tell()`` raises ``RuntimeError`` and changes nothing (the op runs with
+    the GIL released, so the two would otherwise be inside it at once).
+    If the filesystem refuses O_DIRECT, the file is written buffered and
+    fsynced, with one warning per directory.
+
+    Args:
+        path: file to create or truncate.
+        io_buffer_size: bytes per staging half (two halves are used); a
+            positive multiple of 4096. Defaults to ``staging.io_buffer_size``
+            when a staging buffer is given, else 16 MiB.
+        queue_depth: libaio requests in flight; 1 to ``MAX_QUEUE_DEPTH`` (65536).
+        block_size: bytes per request; a positive multiple of 4096.
+        fsync: fsync before closing, so the file survives a power loss.
+        staging: a ``StagingBuffer`` to reuse across writers; by default each
+            writer allocates its own.
+
+    Raises:
+        ValueError: for a size or depth that is not allowed.
+        OSError: when the file cannot be created (errno and path kept).
+    """
+
+    def __init__(self,
+                 path,
+                 *,
+                 io_buffer_size: Optional[int] = None,
+                 queue_depth: int = DEFAULT_QUEUE_DEPTH,
+                 block_size: int = DEFAULT_BLOCK_SIZE,
+                 fsync: bool = True,
+                 staging: Optional[StagingBuffer] = None):
+        super().__init__()
+        self._native = None
+        self._busy = threading.Lock()  # held by the one thread inside the op; see _claim
+        self._running = ""
+        self._error: Optional[OSError] = None
+        self._finished = False
+        self.name = os.fspath(path)
+        if staging is None:
+            staging = StagingBuffer(DEFAULT_IO_BUFFER_SIZE if io_buffer_size is None else io_buffer_size)
+        elif io_buffer_size is not None and io_buffer_size != staging.io_buffer_size:
+            raise ValueError(f"io_buffer_size={io_buffer_size!r} is not allowed with a staging buffer of "
+                             f"{staging.io_buffer_size} bytes per half: leave it out or make them equal")
+        _check_positive_multiple("block_size", block_size, DIRECT_ALIGNMENT)
+        if (isinstance(queue_depth, bool) or not isinstance(queue_depth, int)
+                or not 0 < queue_depth <= MAX_QUEUE_DEPTH):
+            raise ValueError(f"queue_depth={queue_depth!r} is not allowed: it must be a positive integer, at most "
+                             f"{MAX_QUEUE_DEPTH}")
+        self._staging = staging
+        staging.acquire()
+        try:
+            self._native = load_op().AioWriter(self.name, staging.tensor, staging.io_buffer_size, block_size,
+                                               queue_depth, bool(fsync))
+        except BaseException:
+            staging.release()
+            raise
+        if not self._native.is_direct:
+            _warn_buffered(self.name)
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        self._checkClosed()
+        return self.bytes_written
+
+    def write(self, data) -> int:
+        self._checkClosed()
+        view = memoryview(data)
+        if not view.c_contiguous:
+            raise ValueError("AioFileWriter.write() needs a C-contiguous bytes-like object")
+        size = view.nbytes
+        self._claim("write")
+        try:
+            if self._error is None:
+                try:
+                    self._native.write(data)
+                except OSError as error:
+                    self._error = error  # the op has already closed the descriptor
+        finally:
+            self._busy.release()
+        return size
+
+    def flush(self) -> None:
+        self._checkClosed()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self._claim("close")  # before anything is released: a write running elsewhere still uses the staging
+        try:
+            if self._error is not None:
+                raise self._error
+            self._native.close()
+            self._finished = True
+        finally:
+            try:
+                self._release()
+            finally:
+                self._busy.release()
+
+    @property
+    def is_direct(self) -> bool:
+        """False when the filesystem refused O_DIRECT and the file is written buffered."""
+        return self._native.is_direct
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes accepted so far; after a successful ``close()``, the size of the file."""
+        self._claim("bytes_written")
+        try:
+            return self._native.bytes_written
+        finally:
+            self._busy.release()
+
+    @property
+    def checksum(self) -> int:
+        """CRC-32C of every byte of the file, computed on the way to disk.
+
+        Raises:
+            ValueError: before ``close()`` has returned successfully.
+        """
+        if not self._finished:
+            raise ValueError(f"the checksum of {self.name} is known only after a successful close()")
+        return self._native.checksum
+
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is None:
+            self.close()
+        elif not self.closed:
+            self._abandon()
+        return False
+
+    def __del__(self):
+        if self._native is not None and not self.closed:
+            self._abandon()
+
+    def _claim(self, call: str) -> None:
+        """Marks ``call`` as the one running, or refuses it while another thread is inside this writer.
+
+        Refuses rather than waits: two threads taking turns would interleave their bytes into one file that
+        loads as garbage, so concurrent use is a bug to report, not to serialize.
+
+        Raises:
+            RuntimeError: naming both calls; nothing has changed.
+        """
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(f"AioFileWriter.{call}() on {self.name} was called while {self._running}() is running "
+                               f"on another thread: a writer is used by one thread at a time; finish (join) that "
+                               f"call first")
+        self._running = call
+
+    def _abandon(self) -> None:
+        self._native.abort()  # waits for a call still running on another thread, then closes without fsync
+        self._release()
+
+    def _release(self) -> None:
+        self._staging.release()
+        super().close()
+
+
+def _warn_buffered(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if directory not in _warned_buffered_dirs:
+        _warned_buffered_dirs.add(directory)
+        logger.warning("The filesystem of %s does not support O_DIRECT; writing there with buffered I/O and "
+                       "fsync instead, which is slower.", directory)
