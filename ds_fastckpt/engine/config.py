@@ -7,7 +7,10 @@
 ```
 
 libaio tuning (``block_size``, ``queue_depth``) comes from DeepSpeed's own
-top-level ``"aio"`` section. Defaults live here and nowhere else.
+top-level ``"aio"`` section, checked through ``ds_fastckpt.native.tuning.AioTuning``.
+Each option is declared once, as a pydantic field with its default and
+constraints; the error messages are worded from those declarations
+(``ds_fastckpt.native.tuning.allowed_values``).
 
 Two values are also bounded by the host, so that a value the first save cannot
 use fails in ``deepspeed.initialize`` instead, hours into a job:
@@ -15,14 +18,15 @@ use fails in ``deepspeed.initialize`` instead, hours into a job:
 ``fs.aio-max-nr`` (see ``max_io_buffer_size`` and ``max_queue_depth``).
 """
 
-import math
 import os
-from typing import Any, Dict, Literal, Mapping, Optional, Union
+from typing import Annotated, Any, Dict, Literal, Mapping, Optional, Union
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-from pydantic import Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from ds_fastckpt.native.op import DIRECT_ALIGNMENT, MAX_QUEUE_DEPTH
+from ds_fastckpt.native.refusals import refusal
+from ds_fastckpt.native.tuning import DEFAULT_IO_BUFFER_SIZE, AioTuning, IoBufferSize
 
 ENGINE_KEY = "engine"
 SECTION_KEY = "fast_aio"
@@ -37,6 +41,9 @@ AIO_MAX_NR_PATH = "/proc/sys/fs/aio-max-nr"
 # The staging halves of all ranks on a node may take at most this share of its physical memory; the rest
 # is for the model, the optimizer and the state being serialized.
 STAGING_MEMORY_SHARE = 0.5
+# A timeout: positive, and finite (NaN and inf would fire at once or never).
+Seconds = Annotated[Union[StrictInt, StrictFloat],
+                    Field(gt=0, allow_inf_nan=False, json_schema_extra={"unit": "seconds"})]
 # Launchers' variables for the number of ranks on this node: torchrun, DeepSpeed's launcher, Open MPI.
 _LOCAL_RANKS_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
@@ -48,10 +55,10 @@ class ConfigError(ValueError):
 class FastAioConfig(DeepSpeedConfigModel):
     """Options of the ``fast_aio`` engine."""
 
-    keep_last: StrictInt = 0
+    keep_last: StrictInt = Field(0, ge=0, json_schema_extra={"note": "0 keeps every checkpoint"})
     """Complete checkpoints to keep, newest by commit order; 0 keeps all."""
 
-    keep_every: StrictInt = 0
+    keep_every: StrictInt = Field(0, ge=0, json_schema_extra={"note": "0 turns it off"})
     """Also keep every checkpoint whose step is a multiple of this; 0 turns it off."""
 
     fsync: StrictBool = True
@@ -63,7 +70,7 @@ class FastAioConfig(DeepSpeedConfigModel):
     fd_audit: Literal["raise", "warn", "off"] = "raise"
     """After each save and rotation: fail, log, or skip when descriptors still point into save_dir."""
 
-    io_buffer_size: StrictInt = 16 << 20
+    io_buffer_size: IoBufferSize = DEFAULT_IO_BUFFER_SIZE
     """Bytes per staging half (two halves per rank, allocated when the engine is created); a positive multiple of
     4096, and at most ``max_io_buffer_size()``: the halves of all ranks on a node within half its physical memory."""
 
@@ -91,50 +98,16 @@ class FastAioConfig(DeepSpeedConfigModel):
     """With ``async``: serialize the state into host memory before ``save_checkpoint`` returns, for loops that
     change tensors between saving and the next optimizer step. Costs a full host copy."""
 
-    async_timeout_s: Union[StrictInt, StrictFloat] = 1800
+    async_timeout_s: Seconds = 1800
     """With ``async``: how long a commit waits for the background writer before failing."""
 
-    commit_timeout_s: Union[StrictInt, StrictFloat] = 1800
+    commit_timeout_s: Seconds = 1800
     """With several ranks: how long a rank waits at the start and at the commit of a save for the
     others (still writing, or dead) before the save fails with ``CommitError`` on it."""
 
-    @field_validator("async_timeout_s", "commit_timeout_s")
-    @classmethod
-    def _positive(cls, value):
-        if not 0 < value < math.inf:  # also refuses NaN
-            raise ValueError("not a finite positive number")
-        return value
 
-    @field_validator("keep_last", "keep_every")
-    @classmethod
-    def _non_negative(cls, value):
-        if value < 0:
-            raise ValueError("negative")
-        return value
-
-    @field_validator("io_buffer_size")
-    @classmethod
-    def _aligned(cls, value):
-        if value <= 0 or value % DIRECT_ALIGNMENT:
-            raise ValueError("not a positive multiple of 4096")
-        return value
-
-
-_ALLOWED = {
-    "keep_last": "an integer >= 0 (0 keeps every checkpoint)",
-    "keep_every": "an integer >= 0 (0 turns it off)",
-    "fsync": "true or false",
-    "verify": "one of 'off', 'size', 'checksum'",
-    "fd_audit": "one of 'raise', 'warn', 'off'",
-    "io_buffer_size": f"a positive multiple of {DIRECT_ALIGNMENT}",
-    "torch_crc32": "true or false",
-    "trusted_pickles": "true or false",
-    "skip_damaged_on_resume": "true or false",
-    "async": "true or false",
-    "snapshot": "true or false",
-    "async_timeout_s": "a finite number of seconds > 0",
-    "commit_timeout_s": "a finite number of seconds > 0",
-}
+# The keys a user writes: the alias where a field has one ("async" is a Python keyword).
+_KEYS = tuple(field.alias or name for name, field in FastAioConfig.model_fields.items())
 
 
 def engine_name(checkpoint_section: Mapping[str, Any]) -> str:
@@ -219,16 +192,17 @@ def parse_fast_aio(checkpoint_section: Mapping[str, Any], *, check_host: bool = 
     section = checkpoint_section.get(SECTION_KEY) or {}
     if not isinstance(section, Mapping):
         raise ConfigError(f"checkpoint.fast_aio={section!r} is not allowed: it must be an object of options")
-    unknown = sorted(set(section) - set(_ALLOWED))
+    unknown = sorted(set(section) - set(_KEYS), key=str)
     if unknown:
         raise ConfigError(f"checkpoint.fast_aio has unknown key(s) {', '.join(map(repr, unknown))}: "
-                          f"allowed keys are {', '.join(_ALLOWED)}")
+                          f"allowed keys are {', '.join(_KEYS)}")
     try:
+        # strict=True: DeepSpeedConfigModel would otherwise drop every "auto" value, silently using the default.
         config = FastAioConfig(strict=True, **section)
     except ValidationError as error:
-        key = str(error.errors()[0]["loc"][0])
-        raise ConfigError(f"checkpoint.fast_aio.{key}={section[key]!r} is not allowed: it must be {_ALLOWED[key]}") \
-            from None
+        refused = refusal(FastAioConfig, error)
+        raise ConfigError(f"checkpoint.fast_aio.{refused.key}={section[refused.key]!r} is not allowed: "
+                          f"it must be {refused.allowed}") from None
     if check_host:
         _check_io_buffer_size(config.io_buffer_size)
     return config
@@ -245,26 +219,38 @@ def _check_io_buffer_size(io_buffer_size: int) -> None:
             f"little for training, when the engine is created")
 
 
-def aio_tuning(aio_section: Dict[str, Any]) -> Dict[str, int]:
+def aio_tuning(aio_section: Mapping[str, Any]) -> Dict[str, int]:
     """``block_size`` and ``queue_depth`` from DeepSpeed's parsed ``"aio"`` section, checked for O_DIRECT.
+
+    Parsed through ``AioTuning``: a key left out takes DeepSpeed's default, and
+    the section's other keys (``intra_op_parallelism``, ...) are DeepSpeed's own.
+
+    Returns:
+        ``{"block_size": ..., "queue_depth": ...}``, the writer's keyword arguments.
 
     Raises:
         ConfigError: for a block size that is not a positive multiple of 4096, or a queue depth below 1
             or above what this host allows (``max_queue_depth``).
     """
-    block_size = aio_section.get("block_size", 1 << 20)
-    queue_depth = aio_section.get("queue_depth", 8)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0 \
-            or block_size % DIRECT_ALIGNMENT:
-        raise ConfigError(f"aio.block_size={block_size!r} is not allowed with checkpoint engine fast_aio: "
-                          f"it must be a positive multiple of {DIRECT_ALIGNMENT}")
-    if isinstance(queue_depth, bool) or not isinstance(queue_depth, int) or queue_depth <= 0:
-        raise ConfigError(f"aio.queue_depth={queue_depth!r} is not allowed: it must be a positive integer")
+    values = {key: aio_section[key] for key in AioTuning.model_fields if key in aio_section}
+    try:
+        tuning = AioTuning(**values)
+    except ValidationError as error:
+        refused = refusal(AioTuning, error)
+        if refused.key == "queue_depth" and refused.too_large:
+            # Beyond the op's limit is beyond the host's too, and the host's message says what to change.
+            _check_queue_depth(values["queue_depth"])
+        raise ConfigError(f"aio.{refused.key}={values[refused.key]!r} is not allowed with checkpoint engine "
+                          f"fast_aio: it must be {refused.allowed}") from None
+    _check_queue_depth(tuning.queue_depth)
+    return {"block_size": tuning.block_size, "queue_depth": tuning.queue_depth}
+
+
+def _check_queue_depth(queue_depth: int) -> None:
     limit = max_queue_depth()
     if queue_depth > limit:
         raise ConfigError(f"aio.queue_depth={queue_depth} is not allowed with checkpoint engine fast_aio on this "
                           f"host: it must be at most {limit}. {_queue_depth_reason(limit)}")
-    return {"block_size": block_size, "queue_depth": queue_depth}
 
 
 def _queue_depth_reason(limit: int) -> str:

@@ -21,7 +21,7 @@ from ds_fastckpt.format.manifest import FileRecord, Manifest, read_manifest
 from ds_fastckpt.format.names import MANIFEST_NAME
 from ds_fastckpt.native.op import load_op
 from ds_fastckpt.native.reader import MemoryFile, read_file, start_reading
-from ds_fastckpt.native.writer import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH
+from ds_fastckpt.native.tuning import DEFAULT_TUNING
 
 
 class VerifiedLoader:
@@ -140,8 +140,8 @@ class VerifiedLoader:
         return None, None
 
 
-def load_file(path, *, map_location=None, trusted: bool = False, block_size: int = DEFAULT_BLOCK_SIZE,
-              queue_depth: int = DEFAULT_QUEUE_DEPTH):
+def load_file(path, *, map_location=None, trusted: bool = False, block_size: int = DEFAULT_TUNING.block_size,
+              queue_depth: int = DEFAULT_TUNING.queue_depth):
     """``torch.load`` of ``path``, reading it with O_DIRECT while it is being deserialized.
 
     The reads start with the archive's end (its directory), then go front to

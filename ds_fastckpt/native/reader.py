@@ -6,10 +6,11 @@ import os
 import torch
 
 from ds_fastckpt.native.op import DIRECT_ALIGNMENT, load_op
-from ds_fastckpt.native.writer import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH
+from ds_fastckpt.native.tuning import DEFAULT_TUNING
 
 
-def read_file(path, *, block_size: int = DEFAULT_BLOCK_SIZE, queue_depth: int = DEFAULT_QUEUE_DEPTH) -> memoryview:
+def read_file(path, *, block_size: int = DEFAULT_TUNING.block_size,
+              queue_depth: int = DEFAULT_TUNING.queue_depth) -> memoryview:
     """The bytes of ``path``, read with libaio + O_DIRECT into aligned host memory.
 
     Bypassing the page cache with ``queue_depth`` reads of ``block_size``
@@ -24,7 +25,7 @@ def read_file(path, *, block_size: int = DEFAULT_BLOCK_SIZE, queue_depth: int = 
     return data
 
 
-def start_reading(path, block_size: int = DEFAULT_BLOCK_SIZE, queue_depth: int = DEFAULT_QUEUE_DEPTH):
+def start_reading(path, block_size: int = DEFAULT_TUNING.block_size, queue_depth: int = DEFAULT_TUNING.queue_depth):
     """Starts reading ``path`` with O_DIRECT; returns the op's reader and a view of the bytes as they arrive.
 
     Call ``reader.wait(begin, end)`` before using a range of the view and ``reader.finish()`` once done

@@ -5,6 +5,7 @@ import threading
 import torch
 
 from ds_fastckpt.native.op import DIRECT_ALIGNMENT
+from ds_fastckpt.native.tuning import check_io_buffer_size
 
 
 class StagingBuffer:
@@ -19,19 +20,16 @@ class StagingBuffer:
     allocating (and pinning) per file.
 
     Args:
-        io_buffer_size: bytes per half; a positive multiple of 4096.
+        io_buffer_size: bytes per half; a positive multiple of 4096
+            (``ds_fastckpt.native.tuning.IoBufferSize``).
 
     Raises:
-        ValueError: if ``io_buffer_size`` is not a positive multiple of 4096.
+        ValueError: if ``io_buffer_size`` is not a positive multiple of 4096 (a ``NotAllowed`` naming it).
         MemoryError: if the host cannot allocate (or pin) the two halves.
     """
 
     def __init__(self, io_buffer_size: int):
-        if (isinstance(io_buffer_size, bool) or not isinstance(io_buffer_size, int) or io_buffer_size <= 0
-                or io_buffer_size % DIRECT_ALIGNMENT):
-            raise ValueError(f"io_buffer_size={io_buffer_size!r} is not allowed: "
-                             f"it must be a positive multiple of {DIRECT_ALIGNMENT}")
-        self.io_buffer_size = io_buffer_size
+        self.io_buffer_size = check_io_buffer_size(io_buffer_size)
         nbytes = 2 * io_buffer_size + DIRECT_ALIGNMENT  # the slack lets the op start at a 4096-aligned address
         try:
             self.tensor = _allocate(nbytes)

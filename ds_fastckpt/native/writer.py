@@ -9,15 +9,11 @@ from typing import Optional
 
 from torch.serialization import get_crc32_options, set_crc32_options
 
-from ds_fastckpt.native.op import DIRECT_ALIGNMENT, MAX_QUEUE_DEPTH, load_op
+from ds_fastckpt.native.op import load_op
 from ds_fastckpt.native.staging import StagingBuffer
+from ds_fastckpt.native.tuning import DEFAULT_IO_BUFFER_SIZE, DEFAULT_TUNING, check_tuning
 
 logger = logging.getLogger(__name__)
-
-# DeepSpeed's "aio" section defaults for block_size and queue_depth.
-DEFAULT_BLOCK_SIZE = 1 << 20
-DEFAULT_QUEUE_DEPTH = 8
-DEFAULT_IO_BUFFER_SIZE = 16 << 20
 
 _warned_buffered_dirs = set()
 
@@ -35,11 +31,6 @@ def torch_zip_crc32(enabled: bool):
         yield
     finally:
         set_crc32_options(previous)
-
-
-def _check_positive_multiple(name: str, value, multiple: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
-        raise ValueError(f"{name}={value!r} is not allowed: it must be a positive multiple of {multiple}")
 
 
 class AioFileWriter(io.RawIOBase):
@@ -76,19 +67,25 @@ class AioFileWriter(io.RawIOBase):
     If the filesystem refuses O_DIRECT, the file is written buffered and
     fsynced, with one warning per directory.
 
+    The sizes and depth are checked against their declarations in
+    ``ds_fastckpt.native.tuning`` (``AioTuning``, ``IoBufferSize``).
+
     Args:
         path: file to create or truncate.
         io_buffer_size: bytes per staging half (two halves are used); a
             positive multiple of 4096. Defaults to ``staging.io_buffer_size``
-            when a staging buffer is given, else 16 MiB.
+            when a staging buffer is given, else ``DEFAULT_IO_BUFFER_SIZE``
+            (16 MiB).
         queue_depth: libaio requests in flight; 1 to ``MAX_QUEUE_DEPTH`` (65536).
-        block_size: bytes per request; a positive multiple of 4096.
+            Defaults to DeepSpeed's ``aio.queue_depth`` default.
+        block_size: bytes per request; a positive multiple of 4096. Defaults
+            to DeepSpeed's ``aio.block_size`` default.
         fsync: fsync before closing, so the file survives a power loss.
         staging: a ``StagingBuffer`` to reuse across writers; by default each
             writer allocates its own.
 
     Raises:
-        ValueError: for a size or depth that is not allowed.
+        ValueError: for a size or depth that is not allowed (a ``NotAllowed`` naming the argument).
         OSError: when the file cannot be created (errno and path kept).
     """
 
@@ -96,8 +93,8 @@ class AioFileWriter(io.RawIOBase):
                  path,
                  *,
                  io_buffer_size: Optional[int] = None,
-                 queue_depth: int = DEFAULT_QUEUE_DEPTH,
-                 block_size: int = DEFAULT_BLOCK_SIZE,
+                 queue_depth: int = DEFAULT_TUNING.queue_depth,
+                 block_size: int = DEFAULT_TUNING.block_size,
                  fsync: bool = True,
                  staging: Optional[StagingBuffer] = None):
         super().__init__()
@@ -112,16 +109,12 @@ class AioFileWriter(io.RawIOBase):
         elif io_buffer_size is not None and io_buffer_size != staging.io_buffer_size:
             raise ValueError(f"io_buffer_size={io_buffer_size!r} is not allowed with a staging buffer of "
                              f"{staging.io_buffer_size} bytes per half: leave it out or make them equal")
-        _check_positive_multiple("block_size", block_size, DIRECT_ALIGNMENT)
-        if (isinstance(queue_depth, bool) or not isinstance(queue_depth, int)
-                or not 0 < queue_depth <= MAX_QUEUE_DEPTH):
-            raise ValueError(f"queue_depth={queue_depth!r} is not allowed: it must be a positive integer, at most "
-                             f"{MAX_QUEUE_DEPTH}")
+        tuning = check_tuning(block_size=block_size, queue_depth=queue_depth)
         self._staging = staging
         staging.acquire()
         try:
-            self._native = load_op().AioWriter(self.name, staging.tensor, staging.io_buffer_size, block_size,
-                                               queue_depth, bool(fsync))
+            self._native = load_op().AioWriter(self.name, staging.tensor, staging.io_buffer_size, tuning.block_size,
+                                               tuning.queue_depth, bool(fsync))
         except BaseException:
             staging.release()
             raise

@@ -1,11 +1,11 @@
-"""Any fast_aio section either gives a config or the documented ConfigError: never another exception."""
+"""Any fast_aio or aio section either gives a config or the documented ConfigError: never another exception."""
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ds_fastckpt import ConfigError, FastAioConfig
-from ds_fastckpt.engine.config import parse_fast_aio
+from ds_fastckpt.engine.config import aio_tuning, parse_fast_aio
 from tests.ds_helpers import init_engine
 
 KEYS = ["keep_last", "keep_every", "fsync", "verify", "fd_audit", "io_buffer_size", "torch_crc32", "trusted_pickles",
@@ -42,3 +42,16 @@ def test_initialize_gives_an_engine_or_a_config_error(section):
             parse_fast_aio({"fast_aio": section})
     else:
         assert engine.checkpoint_engine.options == parse_fast_aio({"fast_aio": section})
+
+
+@settings(max_examples=300, deadline=None)
+@given(section=st.dictionaries(st.sampled_from(["block_size", "queue_depth", "intra_op_parallelism"]), VALUES,
+                               max_size=3))
+def test_aio_tuning_gives_the_writer_arguments_or_a_config_error(section):
+    try:
+        tuning = aio_tuning(section)
+    except ConfigError as error:
+        assert str(error).startswith("aio.") and "is not allowed" in str(error)
+    else:
+        assert set(tuning) == {"block_size", "queue_depth"}
+        assert tuning["block_size"] > 0 and tuning["block_size"] % 4096 == 0 and tuning["queue_depth"] >= 1
