@@ -20,8 +20,11 @@ test-long: $(INSTALLED) strace
 example: $(INSTALLED)
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc_per_node 2 examples/train.py --save-dir $(EXAMPLE_DIR) --compare-default
 
+# Write throughput of BENCH_DIR's disk (default: the checkout's), a 1 GiB state dict, 5 interleaved rounds: the raw
+# O_DIRECT ceiling, AioFileWriter and torch.save+fsync each with torch's zip CRC32 off and on, and DCP save.
+bench: BENCH_DIR ?= .
 bench: $(INSTALLED)
-	$(PY) benchmarks/bench_writer.py
+	$(PY) -m ds_fastckpt bench --dir $(BENCH_DIR) --size 1GiB --rounds 5 --crc32-both
 
 # libaio's headers and library: installed with apt when we are root, else a clear stop.
 libaio:

@@ -3,8 +3,10 @@
 A CPU training loop whose forward + backward takes about as long as writing
 its checkpoint runs three ways, interleaved round by round in one process:
 without saves, saving every step synchronously, and saving every step with
-``"async": true``. Prints the median step time of each, the save overhead
-(step time minus the no-save step time) of sync and async, and their ratio.
+``"async": true``, in an order that rotates every round
+(``ds_fastckpt.cli.measure.interleaved``). Prints the median step time of
+each, the save overhead (step time minus the no-save step time) of sync and
+async, and their ratio.
 
 Training runs on one thread (``torch.set_num_threads(1)``), leaving the
 other core to the writer, as a GPU host leaves its CPUs to it.
@@ -13,6 +15,7 @@ other core to the writer, as a GPU host leaves its CPUs to it.
 """
 
 import argparse
+import importlib
 import os
 import socket
 import statistics
@@ -21,6 +24,7 @@ import time
 
 import torch
 
+from ds_fastckpt.cli.measure import format_ratio, interleaved, medians
 from ds_fastckpt.format.records import complete_checkpoints, scan
 
 
@@ -36,7 +40,7 @@ def world_of_one() -> None:
 def make_engine(width: int, async_save: bool):
     import deepspeed
 
-    import ds_fastckpt  # noqa: F401
+    importlib.import_module("ds_fastckpt")  # importing it registers the fast_aio engine with DeepSpeed
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width))
@@ -75,24 +79,25 @@ def main():
     world_of_one()
     sync_engine = make_engine(args.width, async_save=False)
     async_engine = make_engine(args.width, async_save=True)
-    step_times = {"no saves": [], "sync saves": [], "async saves": []}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench_async_") as root:
+        # Each run's step times but the first: the first step of a run pays for the mode switch.
         runs = {
-            "no saves": lambda: run_steps(sync_engine, args.steps, None, args.width),
-            "sync saves": lambda: run_steps(sync_engine, args.steps, os.path.join(root, "sync"), args.width),
-            "async saves": lambda: run_steps(async_engine, args.steps, os.path.join(root, "async"), args.width),
+            "no saves": lambda _: run_steps(sync_engine, args.steps, None, args.width)[1:],
+            "sync saves": lambda _: run_steps(sync_engine, args.steps, os.path.join(root, "sync"), args.width)[1:],
+            "async saves": lambda _: run_steps(async_engine, args.steps, os.path.join(root, "async"),
+                                               args.width)[1:],
         }
-        names = list(runs)
-        for round_index in range(args.rounds):
-            for name in (names if round_index % 2 == 0 else names[::-1]):
-                step_times[name].extend(runs[name]()[1:])  # the first step of a run pays for the mode switch
+
+        def progress(round_index, step_times):
             print(f"round {round_index + 1}/{args.rounds}: " +
                   ", ".join(f"{name} {statistics.median(times) * 1e3:.1f} ms" for name, times in step_times.items()),
                   flush=True)
+
+        step_times = interleaved(runs, args.rounds, progress)
         async_engine.destroy()
         size = complete_checkpoints(scan(os.path.join(root, "sync")))[-1].manifest.total_bytes
 
-    median = {name: statistics.median(times) for name, times in step_times.items()}
+    median = medians(step_times)
     sync_overhead = median["sync saves"] - median["no saves"]
     async_overhead = median["async saves"] - median["no saves"]
     print(f"\ncheckpoint {size / 1e6:.0f} MB per save, {args.rounds} rounds x {args.steps} steps, "
@@ -100,7 +105,7 @@ def main():
     for name, seconds in median.items():
         print(f"  {name:<12} {seconds * 1e3:8.1f} ms")
     print(f"save overhead per step: sync {sync_overhead * 1e3:.1f} ms, async {async_overhead * 1e3:.1f} ms")
-    print(f"async overhead / sync overhead: {async_overhead / sync_overhead:.2f}x")
+    print(f"async overhead / sync overhead: {format_ratio(async_overhead / sync_overhead)}")
 
 
 if __name__ == "__main__":

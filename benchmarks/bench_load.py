@@ -1,21 +1,21 @@
 """Cold-cache load: ds_fastckpt's O_DIRECT load vs torch.load vs the raw O_DIRECT read ceiling.
 
 Each round drops the page cache (``sync; echo 3 > /proc/sys/vm/drop_caches``,
-so run as root) before every method, in alternating order, and loads the same
-checkpoint file. Prints the median GB/s of each and the ratios.
+so run as root) before every method, in an order that rotates every round
+(``ds_fastckpt.cli.measure.interleaved``), and loads the same checkpoint file.
+Prints the median GB/s of each and the ratios.
 
     sudo python benchmarks/bench_load.py --dir /path/on/the/disk --size-gib 1 --rounds 3
 """
 
 import argparse
 import os
-import statistics
 import subprocess
 import tempfile
-import time
 
 import torch
 
+from ds_fastckpt.cli.measure import format_ratio, interleaved, medians, timed
 from ds_fastckpt.engine.verified_load import load_file
 from ds_fastckpt.native.reader import read_file
 
@@ -43,29 +43,31 @@ def main():
         "torch.load": lambda path: torch.load(path, weights_only=True),
         "raw O_DIRECT read": lambda path: read_file(path, block_size=4 << 20),
     }
-    seconds = {name: [] for name in methods}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench_load_") as directory:
         path = os.path.join(directory, "ckpt.pt")
         torch.save(state, path)
         size = os.path.getsize(path)
         del state
-        names = list(methods)
-        for round_index in range(args.rounds):
-            for name in (names if round_index % 2 == 0 else names[::-1]):
-                drop_caches()
-                start = time.perf_counter()
-                loaded = methods[name](path)
-                seconds[name].append(time.perf_counter() - start)
-                del loaded
-            print(f"round {round_index + 1}/{args.rounds} GB/s: " +
-                  ", ".join(f"{name} {size / seconds[name][-1] / 1e9:.2f}" for name in names), flush=True)
 
-    gbps = {name: size / statistics.median(values) / 1e9 for name, values in seconds.items()}
+        def cold(load):
+            def run_once(_round_index):
+                drop_caches()  # not timed
+                return timed(lambda: load(path))
+            return run_once
+
+        def progress(round_index, seconds):
+            print(f"round {round_index + 1}/{args.rounds} GB/s: " +
+                  ", ".join(f"{name} {size / values[-1] / 1e9:.2f}" for name, values in seconds.items()), flush=True)
+
+        seconds = interleaved({name: cold(load) for name, load in methods.items()}, args.rounds, progress)
+
+    gbps = {name: size / median / 1e9 for name, median in medians(seconds).items()}
     print(f"\n{size / (1 << 30):.2f} GiB file, cold cache, median of {args.rounds} interleaved rounds")
     for name, value in gbps.items():
         print(f"  {name:<20} {value:6.2f} GB/s")
-    print(f"ds_fastckpt load / torch.load:        {gbps['ds_fastckpt load'] / gbps['torch.load']:.2f}x")
-    print(f"ds_fastckpt load / raw O_DIRECT read: {gbps['ds_fastckpt load'] / gbps['raw O_DIRECT read']:.2f}x")
+    fast = gbps["ds_fastckpt load"]
+    print(f"ds_fastckpt load / torch.load:        {format_ratio(fast / gbps['torch.load'])}")
+    print(f"ds_fastckpt load / raw O_DIRECT read: {format_ratio(fast / gbps['raw O_DIRECT read'])}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -130,14 +131,29 @@ def test_prune_dry_run_then_for_real(copy_of, capsys):
     assert (copy_of / "zero_to_fp32.py").is_file()
 
 
-def test_bench_prints_a_table_and_plots(tmp_path, capsys):
+@pytest.mark.parametrize("options, methods, baseline", [
+    ([], ("raw O_DIRECT", "AioFileWriter", "torch.save+fsync", "dcp.save sync_files"), "torch.save+fsync"),
+    (["--crc32-both", "--io-buffer", "8MiB", "--block-size", "512KiB", "--queue-depth", "4"],
+     ("raw O_DIRECT", "AioFileWriter, crc32 off", "torch.save+fsync, crc32 off", "AioFileWriter, crc32 on",
+      "torch.save+fsync, crc32 on", "dcp.save sync_files"), "torch.save+fsync, crc32 on"),
+])
+def test_bench_prints_a_table_and_plots(tmp_path, capsys, options, methods, baseline):
     plot = tmp_path / "bench.png"
-    code, out, _ = run(capsys, "bench", "--dir", tmp_path, "--size", "4MiB", "--rounds", "1", "--plot", plot)
+    code, out, _ = run(capsys, "bench", "--dir", tmp_path, "--size", "4MiB", "--rounds", "1", "--plot", plot,
+                       *options)
     assert code == 0
-    for method in ("raw O_DIRECT", "AioFileWriter", "torch.save+fsync", "dcp.save sync_files"):
-        assert any(line.startswith(method) and line.endswith("x") for line in out.splitlines())
+    cells = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines()]
+    rows = {row[0]: row[2:] for row in cells if len(row) == 4 and row[0] in methods}  # name, GB/s, two ratios
+    assert list(rows) == list(methods)
+    assert rows["raw O_DIRECT"][0] == "1.00x" and rows[baseline][1] == "1.00x"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]
+
+
+def test_bench_refuses_a_block_size_o_direct_cannot_use(tmp_path, capsys):
+    code, _, err = run(capsys, "bench", "--dir", tmp_path, "--size", "4MiB", "--block-size", "1000")
+    assert code == 1 and "block_size=1000 is not allowed" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_doctor(tmp_path, capsys):
