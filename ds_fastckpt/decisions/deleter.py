@@ -4,16 +4,16 @@ Paranoid on purpose: the directory must be a direct child of save_dir, a real
 directory (not a symlink), and still ours (our manifest or our pending/trash
 name) at the moment of deletion. It is first renamed to its trash name, so a
 crash mid-deletion never leaves a partial directory that looks complete, then
-removed with ``shutil.rmtree``, which unlinks symlinks inside instead of
-following them.
+removed with ``Storage.remove_tree``, which unlinks symlinks inside instead
+of following them.
 """
 
+import errno
 import logging
 import os
-import shutil
-import stat
 from pathlib import Path
 
+from ds_fastckpt import storage
 from ds_fastckpt.format.atomicity import fsync_dir
 from ds_fastckpt.format.names import MANIFEST_NAME, TRASH_SUFFIX, tag_of_internal_name, trash_path
 from ds_fastckpt.format.records import CheckpointRecord
@@ -55,29 +55,25 @@ def retire(save_dir, record: CheckpointRecord) -> Path:
     if not name or name in (".", "..") or "/" in name or "\0" in name:
         raise UnsafeDeletionError(f"refusing to delete {name!r}: not a directory name inside {save_dir}")
     target = save_dir / name
-    mode = os.lstat(target).st_mode
-    if not stat.S_ISDIR(mode):
+    backend = storage.storage_for(save_dir)
+    kind = backend.entry_kind(target)
+    if kind is None:  # gone since the scan: the same error the lstat of the check gave
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(target))
+    if kind is not storage.EntryKind.DIRECTORY:
         raise UnsafeDeletionError(f"refusing to delete {target}: it is not a real directory (symlink or file)")
     internal = tag_of_internal_name(name) is not None
-    if not internal and not stat.S_ISREG(_lstat_mode(target / MANIFEST_NAME)):
+    if not internal and backend.entry_kind(target / MANIFEST_NAME) is not storage.EntryKind.FILE:
         raise UnsafeDeletionError(f"refusing to delete {target}: it has no ds_fastckpt manifest")
     if name.endswith(TRASH_SUFFIX):
         return target
     trash = trash_path(save_dir, record.tag)
-    if os.path.lexists(trash):
-        shutil.rmtree(trash)
-    os.rename(target, trash)
+    if backend.exists(trash):
+        backend.remove_tree(trash)
+    backend.rename(target, trash)
     return trash
 
 
 def remove_retired(trash: Path) -> None:
     """Removes a retired directory; symlinks inside are unlinked, never followed."""
-    shutil.rmtree(trash)
+    storage.storage_for(trash).remove_tree(trash)
     logger.info("deleted checkpoint directory %s", trash)
-
-
-def _lstat_mode(path: Path) -> int:
-    try:
-        return os.lstat(path).st_mode
-    except FileNotFoundError:
-        return 0

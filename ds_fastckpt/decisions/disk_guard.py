@@ -1,10 +1,10 @@
 """Refuses to start a save that will not fit, after freeing what rotation would free anyway."""
 
 import errno
-import shutil
 from pathlib import Path
 from typing import Callable, List
 
+from ds_fastckpt import storage
 from ds_fastckpt.format.records import CheckpointRecord, complete_checkpoints
 
 
@@ -30,10 +30,11 @@ def ensure_space(save_dir: Path, records: List[CheckpointRecord], free_early: Ca
         InsufficientSpaceError: before anything is written, saying how much is needed and free.
     """
     needed = needed_bytes(records)
-    if needed == 0 or shutil.disk_usage(save_dir).free >= needed:
+    backend = storage.storage_for(save_dir)
+    if needed == 0 or backend.free_bytes(save_dir) >= needed:
         return
     free_early()
-    free = shutil.disk_usage(save_dir).free
+    free = backend.free_bytes(save_dir)
     if free < needed:
         raise InsufficientSpaceError(
             errno.ENOSPC, f"not enough space for the next checkpoint: the last one took {needed} bytes and only "

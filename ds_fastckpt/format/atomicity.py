@@ -6,67 +6,42 @@ so ``<tag>`` either does not exist or is complete. Directories being deleted
 are first renamed to ``.<tag>.ds_fastckpt-trash``. Both names mark a
 directory as ours, so an interrupted save or deletion can be cleaned up later
 without touching anything else.
+
+The syscalls behind each step are the storage backend's
+(``ds_fastckpt.storage``); this module decides the steps and their order.
 """
 
-import ctypes
 import logging
-import os
 import secrets
 from pathlib import Path
 from typing import Optional
 
+from ds_fastckpt import storage
 from ds_fastckpt.format.names import PENDING_SUFFIX
 
 logger = logging.getLogger(__name__)
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
 
 def fsync_dir(path: Path) -> None:
-    """Makes the entries of ``path`` (creations, renames, unlinks) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        _fsync(fd, path)
-    finally:
-        os.close(fd)
+    """Makes the entries of ``path`` (creations, renames, unlinks) durable.
 
-
-def _fsync(fd: int, path: Path) -> None:
-    """os.fsync, with the path in its error (fsync's own names no file). Never retried: after a failed
-    fsync the kernel may have dropped the dirty pages, so a second call can succeed with the data lost."""
-    try:
-        os.fsync(fd)
-    except OSError as error:
-        raise OSError(error.errno, f"{error.strerror} (fsync)", str(path)) from None
+    Raises:
+        OSError: with errno and ``path``; never retried (see ``Storage.sync_dir``).
+    """
+    storage.storage_for(path).sync_dir(path)
 
 
 def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
     """Replaces ``path`` with ``data`` so that readers see the old or the new content, never a mix.
 
-    The content goes to a new file of a unique name, created with
-    ``O_EXCL | O_NOFOLLOW``: a symlink or file another user planted in a
+    The content goes to a new file of a unique name, created exclusively
+    (``Storage.write_atomic``): a symlink or file another user planted in a
     shared save_dir under a name we use is never followed, truncated or
     written. The rename replaces whatever entry ``path`` is (a symlink
     itself, not its target).
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}{PENDING_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if fsync:
-                _fsync(fd, tmp)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # ours; `path` keeps its old content
-        raise
-    if fsync:
-        fsync_dir(path.parent)
+    storage.storage_for(path).write_atomic(path, data, tmp, fsync=fsync)
 
 
 def publish_dir(pending: Path, final: Path, fsync: bool = True) -> Optional[Path]:
@@ -81,11 +56,12 @@ def publish_dir(pending: Path, final: Path, fsync: bool = True) -> Optional[Path
     Raises:
         OSError: from rename/renameat2 or fsync, with errno and path.
     """
-    exchanged = os.path.lexists(final)
+    backend = storage.storage_for(final)
+    exchanged = backend.exists(final)
     if exchanged:
         _exchange(pending, final)
     else:
-        os.rename(pending, final)
+        backend.rename(pending, final)
     if fsync:
         try:
             fsync_dir(final.parent)
@@ -105,14 +81,12 @@ def undo_publish(pending: Path, final: Path, exchanged: bool) -> None:
         if exchanged:
             _exchange(pending, final)
         else:
-            os.rename(final, pending)
+            storage.storage_for(final).rename(final, pending)
     except OSError as error:
         logger.error("could not undo the publication of %s after its commit failed: %s", final, error)
 
 
 def _exchange(first: Path, second: Path) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{os.strerror(err)} (renameat2 RENAME_EXCHANGE with {first})", str(second))
+    """The one exchange of publish and undo (tests replace it to make the exchange fail)."""
+    storage.storage_for(second).exchange(first, second)
 

@@ -17,11 +17,11 @@ keeps every name matching its manifest, so it is a consistent save_dir of
 its own. Directories without our manifest or names are not looked into.
 """
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from ds_fastckpt import storage
 from ds_fastckpt.format.manifest import Manifest, ManifestError, pending_marker_of, read_manifest
 from ds_fastckpt.format.names import MANIFEST_NAME, TRASH_SUFFIX, tag_of_internal_name
 from ds_fastckpt.format.small_files import excerpt
@@ -69,13 +69,10 @@ def scan(save_dir, include_not_ours: bool = False) -> List[CheckpointRecord]:
     """
     save_dir = Path(save_dir)
     records = []
-    with os.scandir(save_dir) as entries:
-        for entry in entries:
-            if not entry.is_dir(follow_symlinks=False):
-                continue
-            record = _record_for(save_dir, entry.name)
-            if record is not None and (include_not_ours or record.not_ours is None):
-                records.append(record)
+    for name in storage.storage_for(save_dir).subdirectories(save_dir):
+        record = _record_for(save_dir, name)
+        if record is not None and (include_not_ours or record.not_ours is None):
+            records.append(record)
     return sorted(records, key=_order)
 
 
@@ -94,7 +91,7 @@ def _record_for(save_dir: Path, name: str) -> Optional[CheckpointRecord]:
     internal_tag = tag_of_internal_name(name)
     if internal_tag is not None:
         return _leftover_record(tag_dir, name, internal_tag)
-    if not os.path.lexists(tag_dir / MANIFEST_NAME):
+    if not storage.storage_for(tag_dir).exists(tag_dir / MANIFEST_NAME):
         return None
     try:
         manifest = read_manifest(tag_dir)

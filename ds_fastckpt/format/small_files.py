@@ -8,34 +8,31 @@ into the log. ``read_small_file`` reads only a regular file that is the
 named entry itself (never a symlink's target), never blocks on open, and
 never reads more than a stated number of bytes. ``excerpt`` is how a
 message quotes what such a file holds: short and escaped.
+
+The reading itself is the storage backend's (``Storage.read_small``), and so
+is ``UnsafeSmallFileError``, re-exported here for the callers that catch it.
 """
 
-import errno
-import os
-import stat
 from pathlib import Path
 from typing import Union
+
+from ds_fastckpt import storage
+from ds_fastckpt.storage import UnsafeSmallFileError
+
+__all__ = ["EXCERPT_CHARS", "SMALL_FILE_LIMIT", "UnsafeSmallFileError", "excerpt", "read_small_file"]
 
 # A page: `latest` holds one tag (a directory name, at most 255 bytes), a pending marker a tag and a number.
 SMALL_FILE_LIMIT = 4096
 EXCERPT_CHARS = 80
 
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-class UnsafeSmallFileError(OSError):
-    """A metadata file that is not a regular file, or larger than its limit; errno and filename are set."""
-
 
 def read_small_file(path: Union[str, Path], limit: int = SMALL_FILE_LIMIT) -> bytes:
     """The content of ``path``, a regular file of at most ``limit`` bytes.
 
-    ``path`` is looked at with ``lstat`` first, so a FIFO or device is never
-    opened at all; the open (``O_NOFOLLOW | O_NONBLOCK``) and ``fstat`` then
-    catch an entry swapped in between. The read stops after ``limit + 1``
-    bytes even if the file grows while it is read.
+    A FIFO or device is never opened at all, a symlink never followed, and
+    the read stops after ``limit + 1`` bytes even if the file grows while it
+    is read (on POSIX: ``lstat``, then an ``O_NOFOLLOW | O_NONBLOCK`` open and
+    ``fstat`` that catch an entry swapped in between).
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
@@ -43,22 +40,7 @@ def read_small_file(path: Union[str, Path], limit: int = SMALL_FILE_LIMIT) -> by
             a symlink), or larger than ``limit`` bytes (EFBIG).
         OSError: when it cannot be read (EACCES, EIO, ...), with errno and path.
     """
-    _require_regular(os.lstat(path).st_mode, path)
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        info = os.fstat(fd)
-        _require_regular(info.st_mode, path)
-        if info.st_size > limit:
-            raise _too_large(path, limit, f"{info.st_size} bytes")
-        chunks, total = [], 0
-        while chunk := os.read(fd, limit + 1 - total):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > limit:
-                raise _too_large(path, limit, "it grew while being read")
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    return storage.storage_for(path).read_small(path, limit)
 
 
 def excerpt(content: Union[bytes, str], chars: int = EXCERPT_CHARS) -> str:
@@ -73,15 +55,3 @@ def excerpt(content: Union[bytes, str], chars: int = EXCERPT_CHARS) -> str:
     unit = "bytes" if isinstance(content, bytes) else "characters"
     return f"{content[:chars]!r}... ({len(content)} {unit})"
 
-
-def _require_regular(mode: int, path) -> None:
-    if stat.S_ISREG(mode):
-        return
-    kind = next((name for test, name in _KINDS if test(mode)), "of an unknown type")
-    code = errno.ELOOP if stat.S_ISLNK(mode) else errno.EINVAL
-    raise UnsafeSmallFileError(code, f"it is {kind}, not a regular file; not read", str(path))
-
-
-def _too_large(path, limit: int, found: str) -> UnsafeSmallFileError:
-    return UnsafeSmallFileError(errno.EFBIG, f"larger than {limit} bytes, the most read here ({found}); not read",
-                                str(path))
