@@ -11,7 +11,9 @@ from ds_fastckpt.decisions.disk_guard import InsufficientSpaceError
 from ds_fastckpt.decisions.fd_audit import FdLeakError
 from ds_fastckpt.engine import registration
 from ds_fastckpt.engine.background import BackgroundWriterError
-from ds_fastckpt.engine.checkpoint_engine import CommitError, FastAioCheckpointEngine, wait, wait_all
+from ds_fastckpt.engine.checkpoint_engine import FastAioCheckpointEngine
+from ds_fastckpt.engine.in_flight import wait, wait_all
+from ds_fastckpt.engine.rank_group import CommitError
 from ds_fastckpt.engine.config import ConfigError, FastAioConfig
 from ds_fastckpt.format.integrity import CheckpointIntegrityError
 from ds_fastckpt.format.manifest import ManifestError

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ds_fastckpt.cli.output import say, warn
-from ds_fastckpt.decisions.deleter import delete_checkpoint
 from ds_fastckpt.decisions.resume import read_latest
-from ds_fastckpt.decisions.retention import checkpoints_to_delete
-from ds_fastckpt.engine.config import ConfigError, parse_fast_aio
+from ds_fastckpt.decisions.retention import RetentionPolicy, policy_from_config
+from ds_fastckpt.decisions.rotation import Rotation
+from ds_fastckpt.engine.config import ConfigError, FastAioConfig, parse_fast_aio
 from ds_fastckpt.format.records import CheckpointRecord, scan
 
 
@@ -99,10 +99,16 @@ def _existing_dir(path: Path) -> Path:
     return path
 
 
-def _rows(save_dir: Path, keep_last: int, keep_every: int) -> List[dict]:
+def _options(keep_last: int, keep_every: int) -> FastAioConfig:
+    """The engine's options with these retention values, checked and completed as the engine's config is."""
+    return parse_fast_aio({"fast_aio": {"keep_last": keep_last, "keep_every": keep_every}}, check_host=False)
+
+
+def _rows(save_dir: Path, policy: RetentionPolicy) -> List[dict]:
     records = scan(save_dir, include_not_ours=True)
     latest = read_latest(save_dir)
-    doomed = {record.name for record in checkpoints_to_delete(records, keep_last, keep_every, {latest} - {None})}
+    # What the engine's next rotation would delete: chosen as it chooses, nothing deleted.
+    doomed = {record.name for record in Rotation(policy).choose(save_dir, records)}
     now = time.time()
     rows = []
     for record in records:
@@ -156,11 +162,11 @@ def _state(record: CheckpointRecord) -> str:
 
 def _ls(args) -> int:
     save_dir = _existing_dir(args.dir)
-    keep_last, keep_every = args.keep_last or 0, args.keep_every
     if args.config is not None:
         options = parse_fast_aio(json.loads(args.config.read_text()).get("checkpoint") or {}, check_host=False)
-        keep_last, keep_every = options.keep_last, options.keep_every
-    rows = _rows(save_dir, keep_last, keep_every)
+    else:
+        options = _options(args.keep_last or 0, args.keep_every)
+    rows = _rows(save_dir, policy_from_config(options))
     if args.json:
         say(json.dumps(rows, indent=1))
         return 0
@@ -178,14 +184,10 @@ def _ls(args) -> int:
 
 def _prune(args) -> int:
     save_dir = _existing_dir(args.dir)
-    latest = read_latest(save_dir)
-    doomed = checkpoints_to_delete(scan(save_dir), args.keep_last, args.keep_every, {latest} - {None})
+    rotation = Rotation(policy_from_config(_options(args.keep_last, args.keep_every)))
+    doomed = rotation.choose(save_dir) if args.dry_run else rotation.apply(save_dir)
     for record in doomed:
-        if args.dry_run:
-            say(f"would delete {save_dir / record.name}")
-        else:
-            delete_checkpoint(save_dir, record)
-            say(f"deleted {save_dir / record.name}")
+        say(f"{'would delete' if args.dry_run else 'deleted'} {save_dir / record.name}")
     if not doomed:
         say("nothing to delete")
     return 0

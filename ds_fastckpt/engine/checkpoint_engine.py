@@ -1,36 +1,32 @@
 """The ``fast_aio`` checkpoint engine: DeepSpeed's engine protocol over AioFileWriter, with atomic commit."""
 
-import atexit
 import logging
 import os
 import socket
-import time
-import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
-import deepspeed
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
-from ds_fastckpt._version import __version__
-from ds_fastckpt.decisions.deleter import delete_checkpoint, remove_retired, retire
+from ds_fastckpt import storage
+from ds_fastckpt.decisions.deleter import delete_checkpoint
 from ds_fastckpt.decisions.disk_guard import ensure_space
 from ds_fastckpt.decisions.fd_audit import FdLeakError, leak_message, leaked_fds
-from ds_fastckpt.decisions.resume import choose_resume_tag, read_latest
-from ds_fastckpt.decisions.retention import checkpoints_to_delete
-from ds_fastckpt.engine import collectives
+from ds_fastckpt.decisions.resume import choose_resume_tag
+from ds_fastckpt.decisions.retention import policy_from_config
+from ds_fastckpt.decisions.rotation import Rotation
+from ds_fastckpt.engine import collectives, in_flight
 from ds_fastckpt.engine.background import BackgroundWriter, snapshot, wait_for
+from ds_fastckpt.engine.commit import SaveInProgress, publish
 from ds_fastckpt.engine.config import FastAioConfig
+from ds_fastckpt.engine.rank_group import CommitError, RankGroup
 from ds_fastckpt.engine.verified_load import VerifiedLoader
 from ds_fastckpt.faults import save_points
 from ds_fastckpt.format import save_dir_lock
-from ds_fastckpt.format.atomicity import atomic_write_bytes, fsync_dir, publish_dir, undo_publish
-from ds_fastckpt.format.manifest import FileRecord, Manifest, write_manifest, write_pending_marker
-from ds_fastckpt.format.names import LATEST_NAME, PENDING_MARKER_NAME, pending_path
-from ds_fastckpt.format.records import CheckpointRecord, newest_sequence, scan
-from ds_fastckpt.format.small_files import UnsafeSmallFileError, read_small_file
+from ds_fastckpt.format.manifest import FileRecord, write_pending_marker
+from ds_fastckpt.format.names import pending_path
+from ds_fastckpt.format.records import CheckpointRecord, newest_sequence
 from ds_fastckpt.format.tags import InvalidTagError, validate_tag
 from ds_fastckpt.native.op import load_op
 from ds_fastckpt.native.staging import StagingBuffer
@@ -39,31 +35,6 @@ from ds_fastckpt.native.writer import AioFileWriter, torch_zip_crc32
 logger = logging.getLogger(__name__)
 
 ENGINE_NAME = "FastAioCheckpointEngine"
-
-
-class CommitError(RuntimeError):
-    """A save could not be committed; the previous complete checkpoint is untouched."""
-
-
-@dataclass
-class _SaveInProgress:
-    save_dir: Path
-    tag: str
-    pending: Path
-    step: Optional[int]
-    save_latest: bool
-    files: List[FileRecord] = field(default_factory=list)
-    pending_writes: list = field(default_factory=list)  # Futures of FileRecord or None, async mode only
-    failed: Optional[BaseException] = None  # this rank's first error in this save: it is never committed
-
-    def redirect(self, path) -> Optional[Path]:
-        """Where a path inside ``save_dir/tag`` is written while the save is pending, or None."""
-        final = self.save_dir / self.tag
-        try:
-            relative = Path(path).absolute().relative_to(final)
-        except ValueError:
-            return None
-        return self.pending / relative
 
 
 class FastAioCheckpointEngine(CheckpointEngine):
@@ -132,12 +103,14 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self.node_local = node_local
         self._host = socket.gethostname()
         self._staging: Optional[StagingBuffer] = None
-        self._save: Optional[_SaveInProgress] = None
+        self._save: Optional[SaveInProgress] = None
         self._next_step: Optional[int] = None
         self._next_save_latest = True
-        self._loader = VerifiedLoader(options, tuning, self._gather, node_local=node_local)
+        self._ranks = RankGroup(options.commit_timeout_s)
+        self._loader = VerifiedLoader(options, tuning, self._ranks.gather, node_local=node_local)
         self._background: Optional[BackgroundWriter] = None
-        self._removals: list = []  # (trash path, Future) of removals running on the background writer
+        # Built once: the retention policy, and the removals of rotated checkpoints still running in the background.
+        self._rotation = Rotation(policy_from_config(options), options.async_timeout_s)
         self._locked_dir: Optional[Path] = None  # the save_dir whose lock this engine holds: one at a time
         self._saved_dirs: Set[str] = set()  # every save_dir saved into, resolved, for the fd audit
         self._checkpoint_save_next = False  # set by save_checkpoint: the next create() starts a checkpoint
@@ -145,11 +118,10 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._failed_pending: Optional[Path] = None  # pending dir of a save that failed, removed at the next
         load_op()  # build or load the op now, not in the middle of the first save
         self._staging_buffer()  # allocate (and pin) the staging halves now: a failure surfaces at initialize
-        self._group = collectives.bounded_group(options.commit_timeout_s)
-        _live_engines.add(self)
+        in_flight.track(self)
         if options.async_save:
             self._background = BackgroundWriter()
-            _commit_at_exit(self)
+            in_flight.commit_at_exit(self)
 
     def prepare_save(self, step: Optional[int], save_latest: bool) -> None:
         """Called by the ``save_checkpoint`` hook: the step for the manifest and whether to write ``latest``.
@@ -185,7 +157,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
 
     def cleanup(self):
         self.wait()
-        self._finish_removals()
+        self._rotation.finish_removals()
         if self._background is not None:
             self._background.shutdown()
             self._background = None
@@ -213,7 +185,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         abandoned, self._failed_pending = self._failed_pending, None
         tag = validate_tag(info.tag)
         save_dir = Path(info.save_dir).absolute()
-        save = _SaveInProgress(save_dir, tag, pending_path(save_dir, tag), self._next_step, self._next_save_latest)
+        save = SaveInProgress(save_dir, tag, pending_path(save_dir, tag), self._next_step, self._next_save_latest)
         self._next_step, self._next_save_latest = None, True
         self._on_leader(lambda: self._prepare_pending(save, abandoned), f"checkpoint {tag!r} cannot start")
         self._save = save
@@ -247,7 +219,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
             save.failed = error
             logger.error("writing %s failed; checkpoint %r will not be committed: %s", target, save.tag, error)
 
-    def _write_file(self, payload, path: Path, save: Optional[_SaveInProgress]) -> Optional[FileRecord]:
+    def _write_file(self, payload, path: Path, save: Optional[SaveInProgress]) -> Optional[FileRecord]:
         """Writes one file durably: a state dict through torch.save, or bytes serialized earlier."""
         with torch_zip_crc32(self.options.torch_crc32), \
                 AioFileWriter(path, staging=self._staging_buffer(), fsync=self.options.fsync,
@@ -279,7 +251,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         report = None if failure is None else f"rank {collectives.rank()}: {type(failure).__name__}: {failure}"
         not_committed = f"checkpoint {save.tag!r} was not committed"
         self._failed_pending = save.pending  # until it is published, the next save removes it
-        gathered = self._gather((mine, report), not_committed)
+        gathered = self._ranks.gather((mine, report), not_committed)
         reports = [rank_report for _, rank_report in gathered if rank_report]
         if failure is not None:
             raise failure
@@ -291,7 +263,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._audit_fds(save)
         return True
 
-    def _audit_fds(self, save: _SaveInProgress) -> None:
+    def _audit_fds(self, save: SaveInProgress) -> None:
         """Every rank lists its descriptors into save_dir, and to deleted files wherever it saved before.
 
         The ranks share what they found, so a leak on one rank fails the save's
@@ -301,11 +273,11 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._saved_dirs.add(os.path.realpath(save.save_dir))
         if self.options.fd_audit == "off":
             return
-        found = leaked_fds(save.save_dir, removing=[trash for trash, future in self._removals if not future.done()],
+        found = leaked_fds(save.save_dir, removing=self._rotation.removing(),
                            expected=save_dir_lock.held_lock_files(), earlier_dirs=self._saved_dirs)
         when = f"the save of {save.tag!r} and its rotation"
         mine = f"rank {collectives.rank()}: {leak_message(save.save_dir, when, found)}" if found else None
-        reports = [report for report in self._gather(mine, f"the fd audit of {save.tag!r}") if report]
+        reports = [report for report in self._ranks.gather(mine, f"the fd audit of {save.tag!r}") if report]
         if not reports:
             return
         if self.options.fd_audit == "raise":
@@ -332,77 +304,29 @@ class FastAioCheckpointEngine(CheckpointEngine):
         return choose_resume_tag(save_dir, damage_of)
 
     def rotate(self, save_dir: Path, protected=()) -> List[CheckpointRecord]:
-        """Deletes what the preservation policy chooses; returns what was deleted.
+        """Deletes what the retention policy chooses (see ``rotation.Rotation.apply``); returns what was deleted.
 
-        Chosen directories are retired (renamed to their trash name) at once.
-        In async mode their files are then removed on the background writer,
-        off the training thread; otherwise here.
+        In async mode the files of retired checkpoints are removed on the
+        background writer, off the training thread; otherwise here.
         """
-        protected = {*protected, *filter(None, [read_latest(save_dir)])}
-        doomed = checkpoints_to_delete(self._scan_settled(save_dir), self.options.keep_last, self.options.keep_every,
-                                       protected)
-        retired = [retire(save_dir, record) for record in doomed]
-        if retired:
-            fsync_dir(save_dir)
-            save_points.reached("mid_rotation")
-        for trash in retired:
-            if self._background is None:
-                remove_retired(trash)
-            else:
-                self._removals.append((trash, self._background.submit(remove_retired, trash)))
-        if doomed:
-            logger.info("rotation deleted %s from %s", ", ".join(record.name for record in doomed), save_dir)
-        return doomed
+        submit = None if self._background is None else self._background.submit
+        return self._rotation.apply(save_dir, protected, submit=submit)
 
     def _on_leader(self, action, failure: str) -> None:
-        """Runs ``action`` on the storage leader; if it fails, every rank raises instead of waiting forever."""
-        error = None
-        if self.is_storage_leader():
-            try:
-                action()
-            except Exception as caught:  # re-raised below, after every rank has heard of it
-                error = caught
-        report = None if error is None else f"{type(error).__name__}: {error}"
-        reports = [message for message in self._gather(report, failure) if message]
-        if error is not None:
-            raise error
-        if reports:
-            raise CommitError(f"{failure}: {reports[0]}")
+        self._ranks.on_leader(self.is_storage_leader(), action, failure)
 
-    def _gather(self, obj, failure: str) -> list:
-        """``obj`` from every rank; a rank that does not join within ``commit_timeout_s`` fails the save."""
-        try:
-            return collectives.all_gather_object(obj, self._group)
-        except collectives.CollectiveError as error:
-            raise CommitError(f"{failure}: not every rank joined within commit_timeout_s="
-                              f"{self.options.commit_timeout_s} s (a rank died, hung or failed outside the "
-                              f"checkpoint engine); restart the job to resume from the last complete checkpoint: "
-                              f"{error}") from error
-
-    def _scan_settled(self, save_dir: Path) -> List[CheckpointRecord]:
-        """``scan`` without the retired directories the background writer is still removing."""
-        removing = {trash.name for trash, future in self._removals if not future.done()}
-        return [record for record in scan(save_dir) if record.name not in removing]
-
-    def _finish_removals(self) -> None:
-        """Waits for background trash removals, so free space and leftovers are what they seem."""
-        removals, self._removals = self._removals, []
-        _, failure = wait_for([future for _, future in removals], self.options.async_timeout_s,
-                              "removing rotated checkpoints")
-        if failure is not None:
-            logger.warning("a rotated checkpoint could not be removed (%s); the next rotation retries it", failure)
-
-    def _prepare_pending(self, save: _SaveInProgress, abandoned: Optional[Path]) -> None:
+    def _prepare_pending(self, save: SaveInProgress, abandoned: Optional[Path]) -> None:
         """Leader: lock save_dir, refuse a tag naming what is not ours, drop leftovers, check space, make pending.
 
         ``abandoned`` is the pending directory of this job's previous save, which failed: no rank
         writes there any more, and its partial files may hold the space the new save needs.
         """
-        save.save_dir.mkdir(parents=True, exist_ok=True)
+        backend = storage.storage_for(save.save_dir)
+        backend.make_dir(save.save_dir, parents=True, exist_ok=True)
         self._lock(save.save_dir)
-        records = self._scan_settled(save.save_dir)
+        records = self._rotation.scan(save.save_dir)
         final = save.save_dir / save.tag
-        if os.path.lexists(final) and save.tag not in {record.name for record in records if record.complete}:
+        if backend.exists(final) and save.tag not in {record.name for record in records if record.complete}:
             raise InvalidTagError(f"checkpoint tag {save.tag!r} cannot be saved: {final} exists and is not a "
                                   "complete ds_fastckpt checkpoint (a file, a link, or a directory this engine did "
                                   "not write), and it is never replaced or deleted: choose another tag or move it")
@@ -410,8 +334,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
         for record in stale:
             delete_checkpoint(save.save_dir, record)
         records = [record for record in records if record not in stale]
-        ensure_space(save.save_dir, records, lambda: self._free_early(save.save_dir))
-        save.pending.mkdir()
+        ensure_space(save.save_dir, records, lambda: self._rotation.make_room(save.save_dir))
+        backend.make_dir(save.pending)
         # Not fsynced: if a crash loses the pending directory or its marker, no checkpoint is lost.
         write_pending_marker(save.pending, save.tag, newest_sequence(records), fsync=False)
 
@@ -429,38 +353,10 @@ class FastAioCheckpointEngine(CheckpointEngine):
             save_dir_lock.release(self._locked_dir)
             self._locked_dir = None
 
-    def _free_early(self, save_dir: Path) -> int:
-        self._finish_removals()  # space that background removals are about to free
-        # The new checkpoint will count toward keep_last, so keep one fewer of the old ones.
-        keep = self.options.keep_last - 1 if self.options.keep_last > 1 else 0
-        protected = filter(None, [read_latest(save_dir)])
-        doomed = checkpoints_to_delete(scan(save_dir), keep, self.options.keep_every, protected)
-        for record in doomed:
-            delete_checkpoint(save_dir, record)
-        return len(doomed)
-
-    def _publish(self, save: _SaveInProgress, files: List[FileRecord]) -> None:
+    def _publish(self, save: SaveInProgress, files: List[FileRecord]) -> None:
         if self.node_local:
             files = [record for record in files if record.host == self._host]
-        manifest = Manifest(tag=save.tag, step=save.step, sequence=newest_sequence(scan(save.save_dir)) + 1,
-                            committed_unix_ns=time.time_ns(), world_size=collectives.world_size(),
-                            deepspeed_version=deepspeed.__version__, ds_fastckpt_version=__version__,
-                            files=sorted(files, key=lambda record: record.path))
-        os.unlink(save.pending / PENDING_MARKER_NAME)
-        if self.options.fsync:
-            for directory, _, _ in os.walk(save.pending):
-                fsync_dir(Path(directory))
-        save_points.reached("before_commit_record")
-        write_manifest(save.pending, manifest, fsync=self.options.fsync)
-        save_points.reached("before_publish")
-        final = save.save_dir / save.tag
-        latest = save.save_dir / LATEST_NAME
-        previous_latest = _read_if_exists(latest) if save.save_latest else None
-        replaced = publish_dir(save.pending, final, fsync=self.options.fsync)
-        self._loader.forget(final)
-        save_points.reached("before_latest")
-        if save.save_latest:
-            self._write_latest(save, final, replaced, previous_latest)
+        replaced = publish(save, files, fsync=self.options.fsync, changed=self._loader.forget)
         # Committed. What follows only frees space: a failure there is logged and retried by the next save.
         try:
             if replaced is not None:
@@ -471,79 +367,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
             logger.error("checkpoint %r is committed, but removing old checkpoints failed (the next save retries): "
                          "%s", save.tag, error)
 
-    def _write_latest(self, save: _SaveInProgress, final: Path, replaced: Optional[Path],
-                      previous: Optional[bytes]) -> None:
-        """Points ``latest`` at the new tag; if that fails, undoes the publication and ``latest``, and raises."""
-        latest = save.save_dir / LATEST_NAME
-        try:
-            atomic_write_bytes(latest, save.tag.encode(), fsync=self.options.fsync)
-        except OSError:
-            undo_publish(save.pending, final, exchanged=replaced is not None)
-            self._loader.forget(final)
-            try:
-                if previous is None:
-                    latest.unlink(missing_ok=True)
-                else:
-                    atomic_write_bytes(latest, previous, fsync=False)
-            except OSError as error:
-                logger.error("could not restore %s after the commit of %r failed: %s", latest, save.tag, error)
-            raise
-
     def _staging_buffer(self) -> StagingBuffer:
         if self._staging is None:
             self._staging = StagingBuffer(self.options.io_buffer_size)
         return self._staging
-
-
-def wait_all() -> None:
-    """Finishes and commits the checkpoint in flight of every live fast_aio engine in this process.
-
-    For code that does not hold the DeepSpeed engine, such as a training
-    framework's callback. Every rank must call it.
-    """
-    for engine in list(_live_engines):
-        engine.wait()
-
-
-def wait(ds_engine) -> None:
-    """Finishes and commits the checkpoint a DeepSpeed engine is writing in the background.
-
-    With ``"async": true`` a checkpoint is committed at the next optimizer
-    step; call this to commit it sooner, e.g. before evaluating or exiting
-    abnormally. Every rank must call it. Does nothing for other engines or
-    when no checkpoint is in flight.
-
-    Raises:
-        OSError, CommitError, BackgroundWriterError: when the checkpoint cannot be committed.
-    """
-    checkpoint_engine = getattr(ds_engine, "checkpoint_engine", None)
-    if isinstance(checkpoint_engine, FastAioCheckpointEngine):
-        checkpoint_engine.wait()
-
-
-_live_engines: "weakref.WeakSet[FastAioCheckpointEngine]" = weakref.WeakSet()
-
-
-def _commit_at_exit(engine: FastAioCheckpointEngine) -> None:
-    """Commits an async checkpoint still in flight when the interpreter exits normally."""
-    reference = weakref.ref(engine)
-
-    def commit_in_flight():
-        live = reference()
-        if live is None:
-            return
-        try:
-            live.wait()
-        except Exception:  # the interpreter is exiting: say what was lost, loudly
-            logger.exception("ds_fastckpt could not commit the checkpoint in flight at exit")
-
-    atexit.register(commit_in_flight)
-
-
-def _read_if_exists(path: Path) -> Optional[bytes]:
-    """``path``'s content, to restore if the commit fails; None when there is nothing worth restoring."""
-    try:
-        return read_small_file(path)
-    except (FileNotFoundError, UnsafeSmallFileError):
-        return None  # a FIFO, link, device or oversized file under our name: the commit replaces it anyway
-

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 from ds_fastckpt.decisions.resume import choose_resume_tag
+from ds_fastckpt.engine.in_flight import wait_all
 from ds_fastckpt.format.integrity import CheckpointIntegrityError
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,6 @@ def _checkpoint_dirs(output_dir) -> List[Tuple[int, Path]]:
 
 
 def _commit_in_flight(why: str) -> None:
-    from ds_fastckpt import wait_all
-
     logger.debug("committing the checkpoint in flight: %s", why)
     wait_all()
 

@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from ds_fastckpt.decisions.retention import checkpoints_to_delete
+from ds_fastckpt.decisions.retention import AnyOf, EveryNSteps, LatestN
+from ds_fastckpt.decisions.rotation import choose
 from ds_fastckpt.format.manifest import FileRecord, Manifest, write_manifest
 from ds_fastckpt.format.names import MANIFEST_NAME, PENDING_MARKER_NAME
 from ds_fastckpt.format.records import complete_checkpoints, scan
@@ -51,7 +52,7 @@ def test_a_cp_r_copy_is_not_ours(save_dir):
     assert not copy.complete and copy.leftover is None and copy.damaged is None
     assert "'global_step2'" in copy.not_ours and "not ours" in copy.not_ours
     assert [record.name for record in complete_checkpoints(records.values())] == ["global_step1", "global_step2"]
-    assert checkpoints_to_delete(list(records.values()), keep_last=1, keep_every=0) == [records["global_step1"]]
+    assert choose(list(records.values()), LatestN(1)) == [records["global_step1"]]
 
 
 def test_a_renamed_checkpoint_is_not_ours(save_dir):
@@ -66,7 +67,7 @@ def test_a_cp_r_of_the_whole_save_dir_is_a_consistent_save_dir(save_dir, tmp_pat
     records = scan(copy, include_not_ours=True)
     assert [(record.name, record.complete, record.not_ours) for record in records] == [
         ("global_step1", True, None), ("global_step2", True, None)]
-    assert [record.name for record in checkpoints_to_delete(records, keep_last=1, keep_every=0)] == ["global_step1"]
+    assert [record.name for record in choose(records, LatestN(1))] == ["global_step1"]
 
 
 def test_leftovers_whose_metadata_names_another_tag_are_not_ours(save_dir):
@@ -79,7 +80,7 @@ def test_leftovers_whose_metadata_names_another_tag_are_not_ours(save_dir):
     assert records[".global_step3.ds_fastckpt-tmp"].after_sequence == 1
     assert "pending marker names checkpoint 'global_step3', not 'mine'" in records[".mine.ds_fastckpt-tmp"].not_ours
     assert f"{MANIFEST_NAME} names checkpoint 'global_step1', not 'mine2'" in records[trash.name].not_ours
-    doomed = checkpoints_to_delete(list(records.values()), keep_last=0, keep_every=0)
+    doomed = choose(list(records.values()), LatestN(0))
     assert [record.name for record in doomed] == [".global_step3.ds_fastckpt-tmp"]
 
 
@@ -114,4 +115,4 @@ def test_damaged_manifests_never_raise_out_of_scan_or_rotation(save_dir, damage)
 
 def _scan_and_rotate(save_dir):
     records = scan(save_dir)
-    return by_name(records), checkpoints_to_delete(records, keep_last=1, keep_every=2)
+    return by_name(records), choose(records, AnyOf(LatestN(1), EveryNSteps(2)))

@@ -1,0 +1,161 @@
+"""Applies a retention policy to a save_dir: the one routine that chooses what goes and deletes it.
+
+The engine's rotation after a commit, the disk guard's early freeing before
+a save, and the CLI's ``ls`` and ``prune`` all go through ``Rotation``:
+
+1. ``choose``: the complete checkpoints the policy (plus ``ProtectedTags``:
+   the tags given, the one ``latest`` names, the newest) does not keep, then
+   the leftovers that may go (``leftovers``). Pure but for reading ``latest``
+   and, without records given, scanning save_dir. ``ls`` and
+   ``prune --dry-run`` stop here.
+2. ``apply``: ``choose``, then each chosen directory is retired (checked to
+   be ours and renamed to its trash name, ``deleter.retire``), save_dir is
+   fsynced once, so no checkpoint counts as complete any more after a crash,
+   and the retired trees are removed inline or through ``submit``.
+3. While a submitted removal runs, ``scan`` leaves its trash directory out,
+   so that no one deletes it twice; ``finish_removals`` waits for all.
+"""
+
+import concurrent.futures
+import logging
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional, Tuple
+
+from ds_fastckpt.decisions.deleter import remove_retired, retire
+from ds_fastckpt.decisions.leftovers import leftovers_to_delete
+from ds_fastckpt.decisions.resume import read_latest
+from ds_fastckpt.decisions.retention import AnyOf, ProtectedTags, RetentionContext, RetentionPolicy, unkept
+from ds_fastckpt.faults import save_points
+from ds_fastckpt.format.atomicity import fsync_dir
+from ds_fastckpt.format.records import CheckpointRecord, scan
+
+logger = logging.getLogger(__name__)
+
+# Runs ``function(*args)`` later (on the engine's background writer) and returns its Future.
+Submit = Callable[..., concurrent.futures.Future]
+
+DEFAULT_REMOVAL_TIMEOUT_S = 1800.0
+
+
+def choose(records: Iterable[CheckpointRecord], policy: RetentionPolicy, protected: Iterable[str] = (),
+           incoming: int = 0) -> List[CheckpointRecord]:
+    """What a rotation deletes: unkept complete checkpoints (oldest commit first), then removable leftovers.
+
+    Pure: the same records always give the same answer, and nothing is read.
+
+    Args:
+        records: from ``records.scan``; directories that are not ours or damaged are never chosen.
+        policy: what to keep; ``ProtectedTags(protected)`` is added to it, so the newest always stays.
+        protected: tags never to delete.
+        incoming: checkpoints about to be written that will count toward the policy (see ``RetentionContext``).
+    """
+    records = list(records)
+    keep = AnyOf(policy, ProtectedTags(protected))
+    return unkept(records, keep, RetentionContext(incoming)) + leftovers_to_delete(records)
+
+
+class Rotation:
+    """Chooses with one policy and deletes, tracking removals still running in the background.
+
+    Args:
+        policy: what to keep, built once (``retention.policy_from_config``).
+        removal_timeout_s: how long ``finish_removals`` waits for removals still running.
+    """
+
+    def __init__(self, policy: RetentionPolicy, removal_timeout_s: float = DEFAULT_REMOVAL_TIMEOUT_S):
+        self.policy = policy
+        self._removal_timeout_s = removal_timeout_s
+        self._removals: List[Tuple[Path, concurrent.futures.Future]] = []  # (trash dir, its removal)
+
+    def removing(self) -> List[Path]:
+        """The retired directories whose removal is still running."""
+        return [trash for trash, future in self._removals if not future.done()]
+
+    def scan(self, save_dir) -> List[CheckpointRecord]:
+        """``records.scan`` without the retired directories still being removed in the background."""
+        removing = {trash.name for trash in self.removing()}
+        return [record for record in scan(Path(save_dir)) if record.name not in removing]
+
+    def choose(self, save_dir, records: Optional[List[CheckpointRecord]] = None, protected: Iterable[str] = (),
+               incoming: int = 0) -> List[CheckpointRecord]:
+        """What ``apply`` would delete now; deletes nothing.
+
+        Args:
+            save_dir: the checkpoint directory; the tag its ``latest`` names is protected too.
+            records: its records, when the caller has scanned already (``ls`` lists those not ours too);
+                by default ``scan(save_dir)``.
+            protected: tags never to delete.
+            incoming: checkpoints about to be written that will count toward the policy.
+        """
+        records = self.scan(save_dir) if records is None else records
+        latest = read_latest(Path(save_dir))
+        return choose(records, self.policy, {*protected, *filter(None, [latest])}, incoming)
+
+    def apply(self, save_dir, protected: Iterable[str] = (), incoming: int = 0,
+              submit: Optional[Submit] = None) -> List[CheckpointRecord]:
+        """Deletes what ``choose`` chooses; returns those records.
+
+        Every chosen directory is retired first and save_dir fsynced once,
+        so a crash at ``mid_rotation`` leaves trash directories, never a
+        half-deleted checkpoint that looks complete.
+
+        Args:
+            save_dir: the checkpoint directory.
+            protected: tags never to delete (the one just committed).
+            incoming: checkpoints about to be written that will count toward the policy.
+            submit: runs the removals off this thread (the engine's background writer); None removes here.
+
+        Raises:
+            UnsafeDeletionError: if a chosen directory is no longer ours, or is a symlink.
+            OSError: from rename, fsync or unlink, with errno and path.
+        """
+        save_dir = Path(save_dir)
+        self._forget_finished()
+        doomed = self.choose(save_dir, protected=protected, incoming=incoming)
+        retired = [retire(save_dir, record) for record in doomed]
+        if retired:
+            fsync_dir(save_dir)  # the renames reach the disk before any unlink can
+            save_points.reached("mid_rotation")
+        for trash in retired:
+            if submit is None:
+                remove_retired(trash)
+            else:
+                self._removals.append((trash, submit(remove_retired, trash)))
+        if doomed:
+            logger.info("rotation deleted %s from %s", ", ".join(record.name for record in doomed), save_dir)
+        return doomed
+
+    def make_room(self, save_dir) -> int:
+        """Frees what the policy allows before one more checkpoint is written; returns how many were deleted.
+
+        The incoming checkpoint counts toward the policy (``LatestN(n)``
+        keeps ``n - 1`` of the existing ones). Removals still running are
+        waited for first, as their space is about to be free, and the new
+        ones run here: the caller needs the space before it goes on.
+        """
+        self.finish_removals()
+        return len(self.apply(save_dir, incoming=1))
+
+    def finish_removals(self) -> None:
+        """Waits for the removals still running, so free space and leftovers are what they seem.
+
+        A removal that failed is logged, not raised: its trash directory is
+        a leftover the next rotation deletes.
+        """
+        concurrent.futures.wait([future for _, future in self._removals], timeout=self._removal_timeout_s)
+        self._forget_finished()
+        for trash, _ in self._removals:  # still tracked, so that no scan offers its directory again
+            logger.warning("a rotated checkpoint could not be removed (%s is still being removed after %s s); the "
+                           "next rotation retries it", trash, self._removal_timeout_s)
+
+    def _forget_finished(self) -> None:
+        """Drops the removals that have ended, logging failures, so the list does not grow over a long run."""
+        finished, running = [], []
+        for trash, future in self._removals:
+            (finished if future.done() else running).append((trash, future))
+        self._removals = running
+        for _, future in finished:
+            failure = "its removal was cancelled" if future.cancelled() else future.exception()
+            if failure is not None:
+                logger.warning("a rotated checkpoint could not be removed (%s); the next rotation retries it",
+                               failure)
