@@ -3,7 +3,7 @@
     ds-fastckpt ls DIR [--json] [--keep-last N] [--keep-every K] [--config ds_config.json]
     ds-fastckpt verify DIR [TAG ...]
     ds-fastckpt prune DIR --keep-last N [--keep-every K] [--dry-run]
-    ds-fastckpt bench [--dir D] [--size 1GiB] [--rounds 3] [--plot out.png]
+    ds-fastckpt bench [--dir D] [--size 1GiB] [--rounds 3] [--crc32-both] [--plot out.png] [tuning options]
     ds-fastckpt doctor [DIR]
 
 Exit status: 0 when all is well, 1 when something is wrong (a damaged file,
