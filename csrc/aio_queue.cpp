@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <iterator>
 
+#include "checked_syscall.h"
 #include "crc32c.h"
 #include "fault_injection.h"
 #include "io_error.h"
@@ -58,10 +59,10 @@ AioQueue::AioQueue(int fd, std::string path, unsigned depth, Direction direction
     : fd_(fd), path_(std::move(path)), direction_(direction), slots_(checked_depth(depth, path_)) {
   ctx_ = idle_contexts().take(depth);
   if (ctx_ == nullptr) {
-    const int rc = io_setup(static_cast<int>(depth), &ctx_);
-    if (rc < 0) {
+    const auto setup = try_libaio("io_setup", [&] { return io_setup(static_cast<int>(depth), &ctx_); });
+    if (setup.err != 0) {
       ctx_ = nullptr;
-      throw_io_error(-rc, "io_setup", path_);
+      throw_io_error(setup.err, "io_setup", path_);
     }
   }
   worker_ = std::thread([this] { run(); });
@@ -78,47 +79,57 @@ AioQueue::~AioQueue() {
   if (context_reusable_) {
     idle_contexts().give(static_cast<unsigned>(slots_.size()), ctx_);
   } else {
-    io_destroy(ctx_);  // waits for whatever the kernel may still be doing
+    // Waits for whatever the kernel may still be doing. Unchecked: a destructor
+    // has no one to report to, and the context is unusable either way.
+    io_destroy(ctx_);
   }
 }
 
+// The CRC is extended here, on the worker, with the lock released: callers can
+// enqueue and drain while it runs. Each chunk is hashed right after it is
+// submitted, so its disk write overlaps its hashing; it stays in a busy slot
+// until this thread reaps its completion, after the hash, so drain() of its
+// tag also waits for the hash, and the caller cannot reuse the memory early.
+// Chunks are hashed in the order they were submitted, which is queue order.
 void AioQueue::run() {
+  std::vector<Span> to_hash;  // checksummed bytes submitted since the last hash, in order
+  to_hash.reserve(slots_.size());
+  std::uint32_t crc = 0;  // extended only by this thread; published as checksum_ under the lock
   std::unique_lock<std::mutex> lock(mutex_);
   while (true) {
     work_.wait(lock, [this] { return stopping_ || in_flight_ > 0 || !queued_.empty(); });
     if (stopping_ && in_flight_ == 0) return;
-    submit_queued_locked();
-    if (in_flight_ == 0) continue;
+    submit_queued_locked(to_hash);
+    if (in_flight_ == 0) continue;  // to_hash is empty: every chunk in it is in flight
 
     lock.unlock();
+    for (const Span& span : to_hash) crc = crc32c_extend(crc, span.data, span.size);
+    to_hash.clear();
     struct io_event events[64];
-    int n;
-    do {
-      n = io_getevents(ctx_, 1, 64, events, nullptr);
-    } while (n == -EINTR);
+    const auto got = try_libaio("io_getevents", [&] { return io_getevents(ctx_, 1, 64, events, nullptr); });
     lock.lock();
+    checksum_ = crc;
 
-    if (n < 0) {
+    if (got.err != 0) {
       // Without completions we cannot know when the kernel is done with the
       // caller's memory; io_destroy() in the destructor waits for it.
-      fail_locked(-n, "io_getevents");
+      fail_locked(got.err, "io_getevents");
       for (Slot& slot : slots_) slot.busy = false;
       in_flight_ = 0;
       context_reusable_ = false;
     }
-    for (int i = 0; i < n; ++i) {
+    for (int i = 0; i < got.value; ++i) {
       complete_locked(*static_cast<Slot*>(events[i].data), static_cast<long>(events[i].res));
     }
     progress_.notify_all();
   }
 }
 
-void AioQueue::submit_queued_locked() {
+void AioQueue::submit_queued_locked(std::vector<Span>& to_hash) {
   for (Slot& slot : slots_) {
     if (queued_.empty() || error_ != 0) return;
     if (slot.busy) continue;
     slot.chunk = queued_.front();
-    checksum_ = crc32c_extend(checksum_, slot.chunk.buf, slot.chunk.checksum_len);
     auto* buf = const_cast<std::uint8_t*>(slot.chunk.buf);
     const auto offset = static_cast<long long>(slot.chunk.offset);
     if (direction_ == Direction::kRead) {
@@ -128,18 +139,17 @@ void AioQueue::submit_queued_locked() {
     }
     slot.cb.data = &slot;
     struct iocb* cbs[1] = {&slot.cb};
-    int rc;
-    do {
-      rc = io_submit(ctx_, 1, cbs);
-    } while (rc == -EINTR || rc == -EAGAIN);
-    if (rc != 1) {
-      fail_locked(rc < 0 ? -rc : EIO, "io_submit");
+    // EAGAIN: the kernel is short of resources for the moment; the request is valid.
+    const auto submitted = try_libaio("io_submit", [&] { return io_submit(ctx_, 1, cbs); }, EAGAIN);
+    if (submitted.err != 0 || submitted.value != 1) {
+      fail_locked(submitted.err != 0 ? submitted.err : EIO, "io_submit");
       progress_.notify_all();
       return;
     }
     queued_.pop_front();
     slot.busy = true;
     ++in_flight_;
+    if (slot.chunk.checksum_len > 0) to_hash.push_back(Span{slot.chunk.buf, slot.chunk.checksum_len});
   }
 }
 

@@ -21,9 +21,10 @@ namespace ds_fastckpt {
 // the caller only enqueues and, when it needs memory back, drains.
 //
 // The worker also extends a CRC-32C over each chunk's first `checksum_len`
-// bytes just before submitting it; chunks are submitted in the order they were
-// enqueued, so the checksum is that of the file when chunks are enqueued in
-// file order. It runs on the worker, beside the caller's copying.
+// bytes right after submitting it, without holding the queue's lock; chunks
+// are submitted and hashed in the order they were enqueued, so the checksum is
+// that of the file when chunks are enqueued in file order. It runs on the
+// worker, beside the caller's copying and the chunk's own disk write.
 //
 // Chunks carry a tag (the staging half they come from) so a caller can wait
 // for one half while the other keeps the disk busy. The memory behind every
@@ -65,7 +66,8 @@ class AioQueue {
   // in whatever order the reads completed. Throws IoError on a failed read.
   void wait_until_read(std::uint64_t begin, std::uint64_t end);
 
-  // CRC-32C of the checksummed bytes of every chunk submitted so far.
+  // CRC-32C of the checksummed bytes of the chunks hashed so far: of every
+  // chunk enqueued, once drain_all() has returned without throwing.
   std::uint32_t checksum();
 
  private:
@@ -82,10 +84,15 @@ class AioQueue {
     Chunk chunk;
     bool busy = false;
   };
+  struct Span {
+    const std::uint8_t* data;
+    std::size_t size;
+  };
 
   void run();
-  // Both with mutex_ held.
-  void submit_queued_locked();
+  // The *_locked functions run with mutex_ held. submit_queued_locked()
+  // appends the checksummed bytes of each chunk it submits to `to_hash`.
+  void submit_queued_locked(std::vector<Span>& to_hash);
   void complete_locked(Slot& slot, long result);
   bool has_outstanding_locked(int tag) const;
   void mark_read_locked(std::uint64_t begin, std::uint64_t end);
@@ -106,7 +113,7 @@ class AioQueue {
   unsigned in_flight_ = 0;
   bool stopping_ = false;
   bool context_reusable_ = true;  // false once completions may have been lost
-  std::uint32_t checksum_ = 0;
+  std::uint32_t checksum_ = 0;  // the worker's running CRC, as of its last hash
   std::map<std::uint64_t, std::uint64_t> read_ranges_;  // disjoint [begin, end) ranges already read
   int error_ = 0;
   const char* error_op_ = nullptr;

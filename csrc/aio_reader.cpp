@@ -2,45 +2,30 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 
+#include "checked_syscall.h"
+#include "direct_io.h"
 #include "io_error.h"
 
 namespace ds_fastckpt {
 
-namespace {
-
-constexpr std::size_t kAlignment = 4096;
-
-int open_read(const std::string& path, int extra_flags) {
-  int fd;
-  do {
-    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | extra_flags);
-  } while (fd < 0 && errno == EINTR);
-  return fd;
-}
-
-}  // namespace
-
 AioFileReader::AioFileReader(std::string path, std::uint8_t* buffer, std::size_t capacity,
                              ReaderOptions options)
     : path_(std::move(path)) {
-  if (options.block_size == 0 || options.block_size % kAlignment != 0 ||
-      reinterpret_cast<std::uintptr_t>(buffer) % kAlignment != 0) {
-    throw_io_error(EINVAL, "read (buffer and block_size must be 4096-aligned)", path_);
+  if (options.block_size == 0 || options.block_size % kDirectAlignment != 0 ||
+      reinterpret_cast<std::uintptr_t>(buffer) % kDirectAlignment != 0) {
+    throw_io_error(EINVAL, "read (buffer and block_size must be " + std::to_string(kDirectAlignment) + "-aligned)",
+                   path_);
   }
-  int fd = open_read(path_, O_DIRECT);
-  if (fd < 0 && errno == EINVAL) fd = open_read(path_, 0);
-  if (fd < 0) throw_io_error(errno, "open", path_);
-  fd_ = UniqueFd(fd);
+  fd_ = open_direct_or_buffered(path_, O_RDONLY).fd;
 
   struct stat st;
-  if (::fstat(fd_.get(), &st) < 0) throw_io_error(errno, "fstat", path_);
+  check_syscall("fstat", path_, [&] { return ::fstat(fd_.get(), &st); });
   size_ = static_cast<std::uint64_t>(st.st_size);
-  const std::uint64_t padded = (size_ + kAlignment - 1) / kAlignment * kAlignment;
+  const std::uint64_t padded = round_up_to_alignment(size_);
   if (padded > capacity) throw_io_error(EOVERFLOW, "read (file grew beyond the buffer)", path_);
   queue_ = std::make_unique<AioQueue>(fd_.get(), path_, options.queue_depth, Direction::kRead);
 
@@ -72,7 +57,7 @@ void AioFileReader::finish() {
     throw;
   }
   queue_.reset();
-  if (const int err = fd_.close()) throw_io_error(err, "close", path_);
+  close_checked(fd_, path_);
 }
 
 }  // namespace ds_fastckpt

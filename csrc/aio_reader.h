@@ -12,17 +12,17 @@
 namespace ds_fastckpt {
 
 struct ReaderOptions {
-  std::size_t block_size;  // bytes per libaio request, a multiple of 4096
+  std::size_t block_size;  // bytes per libaio request, a multiple of kDirectAlignment (direct_io.h)
   unsigned queue_depth;    // requests in flight
 };
 
-// Reads all of `path` into `buffer` (4096-aligned, `capacity` bytes, at least
-// the file size rounded up to 4096) with `queue_depth` reads in flight. The
-// constructor starts the reads and returns: the last block first (a zip
-// archive is read from its central directory at the end), then the rest in
-// order, so a caller can consume the front while the back is still arriving.
-// Falls back to buffered reads where O_DIRECT is refused (EINVAL). Errors are
-// IoError with errno and path.
+// Reads all of `path` into `buffer` (kDirectAlignment-aligned, `capacity`
+// bytes, at least the file size rounded up to kDirectAlignment) with
+// `queue_depth` reads in flight. The constructor starts the reads and returns:
+// the last block first (a zip archive is read from its central directory at
+// the end), then the rest in order, so a caller can consume the front while
+// the back is still arriving. Falls back to buffered reads where O_DIRECT is
+// refused (open_direct_or_buffered()). Errors are IoError with errno and path.
 //
 // Call order: wait(begin, end)* then finish(); destroying the reader without
 // finish() waits for reads in flight and closes the file. wait() may be called

@@ -9,49 +9,21 @@
 #include <cstring>
 #include <limits>
 
-#include "fault_injection.h"
+#include "checked_syscall.h"
+#include "direct_io.h"
 #include "io_error.h"
 
 namespace ds_fastckpt {
 
 namespace {
 
-constexpr int kCreateFlags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC;
+constexpr int kCreateFlags = O_WRONLY | O_CREAT | O_TRUNC;
 constexpr mode_t kCreateMode = 0666;  // narrowed by the umask, like open() in Python
-
-std::size_t round_up(std::size_t n, std::size_t to) { return (n + to - 1) / to * to; }
-
-// Opens with O_DIRECT; a filesystem that rejects it (EINVAL) gets a buffered
-// descriptor instead, and `direct` says which one the caller got.
-int open_retrying(const std::string& path, int flags, const char* fault_point) {
-  if (const int err = faults::hit(fault_point)) {
-    errno = err;
-    return -1;
-  }
-  int fd;
-  do {
-    fd = ::open(path.c_str(), flags, kCreateMode);
-  } while (fd < 0 && errno == EINTR);
-  return fd;
-}
-
-UniqueFd open_for_write(const std::string& path, bool& direct) {
-  int fd = open_retrying(path, kCreateFlags | O_DIRECT, "open_direct");
-  direct = fd >= 0;
-  if (fd < 0 && errno == EINVAL) fd = open_retrying(path, kCreateFlags, "open");
-  if (fd < 0) throw_io_error(errno, "open", path);
-  return UniqueFd(fd);
-}
-
-// errno of a syscall that returned `rc`, or of a fault injected at `point`.
-int syscall_error(int rc, const char* point) {
-  if (const int err = faults::hit(point)) return err;
-  return rc < 0 ? errno : 0;
-}
 
 void check_options(const WriterOptions& options, const std::string& path) {
   if (options.block_size == 0 || options.block_size % kDirectAlignment != 0) {
-    throw_io_error(EINVAL, "write (block_size must be a positive multiple of 4096)", path);
+    const std::string alignment = std::to_string(kDirectAlignment);
+    throw_io_error(EINVAL, "write (block_size must be a positive multiple of " + alignment + ")", path);
   }
 }
 
@@ -66,11 +38,7 @@ void reserve_size(int fd, const std::string& path, std::uint64_t end, std::uint6
   if (end > kMaxFileSize) throw_io_error(EFBIG, "ftruncate", path);
   const std::uint64_t doubled = reserved > kMaxFileSize / 2 ? kMaxFileSize : 2 * reserved;
   const std::uint64_t target = std::max(end, doubled);
-  int rc;
-  do {
-    rc = ::ftruncate(fd, static_cast<off_t>(target));
-  } while (rc < 0 && errno == EINTR);
-  if (const int err = syscall_error(rc, "ftruncate")) throw_io_error(err, "ftruncate", path);
+  check_syscall("ftruncate", path, [&] { return ::ftruncate(fd, static_cast<off_t>(target)); });
   reserved = target;
 }
 
@@ -88,30 +56,21 @@ void queue_chunks(AioQueue& queue, int tag, const std::uint8_t* data, std::size_
   }
 }
 
-// Truncates away block padding and reserved space, makes the file durable, and closes it. The
-// descriptor is closed on every path; a failed fsync is reported, never retried
-// (a second fsync can succeed after the kernel dropped the dirty pages).
+// Truncates away block padding and reserved space, makes the file durable, and
+// closes it. The descriptor is closed on every path; a failed fsync is
+// reported, never retried (see OnEintr).
 void finish_file(UniqueFd& fd, const std::string& path, std::uint64_t exact_size,
                  std::uint64_t reserved_size, bool do_fsync) {
-  if (reserved_size != exact_size) {
-    int rc;
-    do {
-      rc = ::ftruncate(fd.get(), static_cast<off_t>(exact_size));
-    } while (rc < 0 && errno == EINTR);
-    if (const int err = syscall_error(rc, "ftruncate")) {
-      fd.close();
-      throw_io_error(err, "ftruncate", path);
+  try {
+    if (reserved_size != exact_size) {
+      check_syscall("ftruncate", path, [&] { return ::ftruncate(fd.get(), static_cast<off_t>(exact_size)); });
     }
+    if (do_fsync) check_syscall("fsync", path, [&] { return ::fsync(fd.get()); }, OnEintr::kFail);
+  } catch (...) {
+    fd.close();
+    throw;
   }
-  if (do_fsync) {
-    if (const int err = syscall_error(::fsync(fd.get()), "fsync")) {
-      fd.close();
-      throw_io_error(err, "fsync", path);
-    }
-  }
-  const int close_err = fd.close();
-  const int injected = faults::hit("close");
-  if (const int err = injected ? injected : close_err) throw_io_error(err, "close", path);
+  close_checked(fd, path);
 }
 
 }  // namespace
@@ -122,7 +81,8 @@ AioWriter::AioWriter(std::string path, std::uint8_t* staging, std::size_t half_b
   check_options(options_, path_);
   const auto address = reinterpret_cast<std::uintptr_t>(staging);
   if (half_bytes_ == 0 || half_bytes_ % kDirectAlignment != 0 || address % kDirectAlignment != 0) {
-    throw_io_error(EINVAL, "open (staging buffer must be 4096-aligned whole blocks)", path_);
+    const std::string alignment = std::to_string(kDirectAlignment);
+    throw_io_error(EINVAL, "open (staging buffer must be " + alignment + "-aligned whole blocks)", path_);
   }
   // Both halves must lie inside the address space; that they lie inside the
   // caller's buffer is the binding's check, which knows the buffer's size.
@@ -133,7 +93,9 @@ AioWriter::AioWriter(std::string path, std::uint8_t* staging, std::size_t half_b
                                " bytes overflow the address space)", path_);
   }
   halves_[1] = staging + half_bytes_;
-  fd_ = open_for_write(path_, direct_);
+  OpenedFile file = open_direct_or_buffered(path_, kCreateFlags, kCreateMode);
+  fd_ = std::move(file.fd);
+  direct_ = file.direct;
   queue_ = std::make_unique<AioQueue>(fd_.get(), path_, options_.queue_depth);
 }
 
@@ -182,7 +144,7 @@ void AioWriter::close() {
   require_open("close");
   try {
     if (fill_ > 0) {
-      const std::size_t padded = round_up(fill_, kDirectAlignment);
+      const std::size_t padded = round_up_to_alignment(fill_);
       std::memset(halves_[active_] + fill_, 0, padded - fill_);
       queue_active_half(padded);
     }
@@ -206,10 +168,10 @@ void write_aligned_file(const std::string& path, const std::uint8_t* data, std::
   check_options(options, path);
   if (reinterpret_cast<std::uintptr_t>(data) % kDirectAlignment != 0 ||
       size % kDirectAlignment != 0) {
-    throw_io_error(EINVAL, "write (buffer must be 4096-aligned whole blocks)", path);
+    const std::string alignment = std::to_string(kDirectAlignment);
+    throw_io_error(EINVAL, "write (buffer must be " + alignment + "-aligned whole blocks)", path);
   }
-  bool direct = false;
-  UniqueFd fd = open_for_write(path, direct);
+  UniqueFd fd = open_direct_or_buffered(path, kCreateFlags, kCreateMode).fd;
   std::uint64_t reserved = 0;
   {
     reserve_size(fd.get(), path, size, reserved);

@@ -7,16 +7,13 @@
 #include <string>
 
 #include "aio_queue.h"
+#include "direct_io.h"
 #include "unique_fd.h"
 
 namespace ds_fastckpt {
 
-// O_DIRECT needs buffer addresses, lengths and file offsets aligned to the
-// device's logical block size; 4096 covers every block device we target.
-constexpr std::size_t kDirectAlignment = 4096;
-
 struct WriterOptions {
-  std::size_t block_size;    // bytes per libaio request
+  std::size_t block_size;    // bytes per libaio request, a multiple of kDirectAlignment
   unsigned queue_depth;      // requests in flight
   bool fsync;                // fsync before close
 };

@@ -1,65 +1,80 @@
 #include "crc32c.h"
 
-#include <array>
-#include <cstring>
+#include <stdexcept>
+#include <string>
 
-#if defined(__x86_64__)
-#include <nmmintrin.h>
-#endif
+#include "crc32c_paths.h"
 
 namespace ds_fastckpt {
 
 namespace {
 
-constexpr std::uint32_t kPolynomial = 0x82F63B78u;  // reflected Castagnoli
+using Update = std::uint32_t (*)(std::uint32_t, const std::uint8_t*, std::size_t) noexcept;
 
-std::array<std::uint32_t, 256> make_table() {
-  std::array<std::uint32_t, 256> table{};
-  for (std::uint32_t i = 0; i < 256; ++i) {
-    std::uint32_t crc = i;
-    for (int bit = 0; bit < 8; ++bit) crc = (crc >> 1) ^ ((crc & 1u) ? kPolynomial : 0u);
-    table[i] = crc;
-  }
-  return table;
-}
-
-std::uint32_t extend_table(std::uint32_t crc, const std::uint8_t* data, std::size_t size) {
-  static const std::array<std::uint32_t, 256> table = make_table();
-  for (std::size_t i = 0; i < size; ++i) crc = (crc >> 8) ^ table[(crc ^ data[i]) & 0xFFu];
-  return crc;
-}
-
-#if defined(__x86_64__)
-__attribute__((target("sse4.2"))) std::uint32_t extend_sse42(std::uint32_t crc,
-                                                             const std::uint8_t* data,
-                                                             std::size_t size) {
-  std::uint64_t crc64 = crc;
-  for (; size >= 8; size -= 8, data += 8) {
-    std::uint64_t word;
-    std::memcpy(&word, data, sizeof(word));
-    crc64 = _mm_crc32_u64(crc64, word);
-  }
-  auto crc32 = static_cast<std::uint32_t>(crc64);
-  for (; size > 0; --size, ++data) crc32 = _mm_crc32_u8(crc32, *data);
-  return crc32;
-}
-
-bool has_sse42() {
-  static const bool supported = __builtin_cpu_supports("sse4.2");
-  return supported;
-}
+std::vector<Crc32cPath> detect_paths() {
+  std::vector<Crc32cPath> paths;
+#if DS_FASTCKPT_CRC32C_ARMV8
+  if (crc32c_impl::cpu_has_armv8_crc32()) paths.push_back(Crc32cPath::kArmv8);
 #endif
+#if DS_FASTCKPT_CRC32C_SSE42
+  if (crc32c_impl::cpu_has_sse42()) paths.push_back(Crc32cPath::kSse42);
+#endif
+  paths.push_back(Crc32cPath::kPortable);
+  return paths;
+}
+
+// The implementation of `path` in this build, or nullptr; whether the CPU
+// runs it is crc32c_paths()'s question.
+Update update_of(Crc32cPath path) noexcept {
+  switch (path) {
+    case Crc32cPath::kPortable:
+      return &crc32c_impl::update_portable;
+    case Crc32cPath::kSse42:
+#if DS_FASTCKPT_CRC32C_SSE42
+      return &crc32c_impl::update_sse42;
+#else
+      return nullptr;
+#endif
+    case Crc32cPath::kArmv8:
+#if DS_FASTCKPT_CRC32C_ARMV8
+      return &crc32c_impl::update_armv8;
+#else
+      return nullptr;
+#endif
+  }
+  return nullptr;
+}
 
 }  // namespace
 
+const char* crc32c_path_name(Crc32cPath path) noexcept {
+  switch (path) {
+    case Crc32cPath::kPortable:
+      return "portable";
+    case Crc32cPath::kSse42:
+      return "sse4.2";
+    case Crc32cPath::kArmv8:
+      return "armv8";
+  }
+  return "unknown";
+}
+
+const std::vector<Crc32cPath>& crc32c_paths() {
+  static const std::vector<Crc32cPath> paths = detect_paths();
+  return paths;
+}
+
 std::uint32_t crc32c_extend(std::uint32_t crc, const std::uint8_t* data, std::size_t size) {
-  crc = ~crc;
-#if defined(__x86_64__)
-  crc = has_sse42() ? extend_sse42(crc, data, size) : extend_table(crc, data, size);
-#else
-  crc = extend_table(crc, data, size);
-#endif
-  return ~crc;
+  static const Update fastest = update_of(crc32c_paths().front());
+  return ~fastest(~crc, data, size);
+}
+
+std::uint32_t crc32c_extend_with(Crc32cPath path, std::uint32_t crc, const std::uint8_t* data, std::size_t size) {
+  for (const Crc32cPath runnable : crc32c_paths()) {
+    if (runnable == path) return ~update_of(path)(~crc, data, size);
+  }
+  throw std::invalid_argument(std::string("CRC-32C path '") + crc32c_path_name(path) +
+                              "' cannot run on this CPU or build");
 }
 
 }  // namespace ds_fastckpt

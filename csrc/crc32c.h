@@ -3,12 +3,33 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace ds_fastckpt {
 
-// Extends `crc` (0 for a new stream) over [data, data + size). Uses the
-// SSE4.2 crc32 instruction when the CPU has it, a table otherwise; both give
-// the same value, so files written on one host verify on another.
+// Extends `crc` (0 for a new stream) over [data, data + size), so that
+// crc32c_extend(crc32c_extend(0, a), b) is the CRC of a followed by b. Uses the
+// fastest path this CPU runs (crc32c_paths()); every path gives the same value,
+// so files written on one host verify on another.
 std::uint32_t crc32c_extend(std::uint32_t crc, const std::uint8_t* data, std::size_t size);
+
+// The implementations behind crc32c_extend(), named so that tests can check
+// each one this host runs, and benchmarks can time them.
+enum class Crc32cPath {
+  kPortable,  // slice-by-8 tables: any CPU
+  kSse42,     // the SSE4.2 crc32 instruction: x86-64
+  kArmv8,     // the ARMv8 CRC32 extension (crc32c*): AArch64 Linux
+};
+
+// "portable", "sse4.2" or "armv8".
+const char* crc32c_path_name(Crc32cPath path) noexcept;
+
+// The paths this build and CPU can run, fastest first: crc32c_extend() uses
+// the first. The portable path is always the last.
+const std::vector<Crc32cPath>& crc32c_paths();
+
+// crc32c_extend() on one given path. Throws std::invalid_argument for a path
+// this build or CPU cannot run.
+std::uint32_t crc32c_extend_with(Crc32cPath path, std::uint32_t crc, const std::uint8_t* data, std::size_t size);
 
 }  // namespace ds_fastckpt

@@ -1,4 +1,5 @@
 // Python binding of the writer: torch tensors in, OSError out, GIL released during I/O, one call at a time.
+#include <pybind11/stl.h>
 #include <torch/python.h>
 
 #include <atomic>
@@ -9,10 +10,12 @@
 #include <shared_mutex>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "aio_reader.h"
 #include "aio_writer.h"
 #include "crc32c.h"
+#include "direct_io.h"
 #include "fault_injection.h"
 #include "io_error.h"
 #include "unique_fd.h"
@@ -22,7 +25,7 @@ namespace py = pybind11;
 namespace ds_fastckpt {
 namespace {
 
-// The 4096-aligned start of `buffer`, after checking that `needed` bytes fit
+// The kDirectAlignment-aligned start of `buffer`, after checking that `needed` bytes fit
 // from there. Every size is compared, never added first: a sum near SIZE_MAX
 // wraps to a small number and would pass the check (half_bytes=2**63 did).
 std::uint8_t* aligned_bytes(const torch::Tensor& buffer, std::size_t needed, const char* what) {
@@ -34,7 +37,8 @@ std::uint8_t* aligned_bytes(const torch::Tensor& buffer, std::size_t needed, con
   const auto size = static_cast<std::size_t>(buffer.numel());
   if (skip > size || needed > size - skip) {
     throw py::value_error(std::string(what) + " holds " + std::to_string(size) + " bytes, " +
-                          std::to_string(size > skip ? size - skip : 0) + " of them 4096-aligned; " +
+                          std::to_string(size > skip ? size - skip : 0) + " of them " +
+                          std::to_string(kDirectAlignment) + "-aligned; " +
                           std::to_string(needed) + " aligned bytes are needed");
   }
   return reinterpret_cast<std::uint8_t*>(base + skip);
@@ -208,13 +212,31 @@ class PyFileReader {
 PyAioWriter& as_writer(py::handle self) { return constructed<PyAioWriter>(self); }
 PyFileReader& as_reader(py::handle self) { return constructed<PyFileReader>(self); }
 
-std::uint32_t crc32c(const py::buffer& data, std::uint32_t crc) {
+// CRC-32C of a C-contiguous buffer on `path` (nullptr: the fastest), extending `crc`, without the GIL.
+std::uint32_t crc32c_of_buffer(const py::buffer& data, std::uint32_t crc, const Crc32cPath* path) {
   py::buffer_info info = data.request();
   if (!PyBuffer_IsContiguous(info.view(), 'C')) throw py::value_error("crc32c() needs a C-contiguous buffer");
   const auto* bytes = static_cast<const std::uint8_t*>(info.ptr);
   const auto size = static_cast<std::size_t>(info.size) * static_cast<std::size_t>(info.itemsize);
   py::gil_scoped_release release;
-  return crc32c_extend(crc, bytes, size);
+  return path != nullptr ? crc32c_extend_with(*path, crc, bytes, size) : crc32c_extend(crc, bytes, size);
+}
+
+std::uint32_t crc32c(const py::buffer& data, std::uint32_t crc) { return crc32c_of_buffer(data, crc, nullptr); }
+
+std::vector<std::string> crc32c_path_names() {
+  std::vector<std::string> names;
+  for (const Crc32cPath path : crc32c_paths()) names.emplace_back(crc32c_path_name(path));
+  return names;
+}
+
+std::uint32_t crc32c_with(const std::string& name, const py::buffer& data, std::uint32_t crc) {
+  for (const Crc32cPath path : crc32c_paths()) {
+    if (name == crc32c_path_name(path)) return crc32c_of_buffer(data, crc, &path);
+  }
+  std::string allowed;
+  for (const std::string& runnable : crc32c_path_names()) allowed += (allowed.empty() ? "" : ", ") + runnable;
+  throw py::value_error("path='" + name + "' is not allowed: this CPU and build run " + allowed);
 }
 
 py::dict fd_counters() {
@@ -275,6 +297,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("finish", [](py::handle self) { as_reader(self).finish(); });
   m.def("crc32c", &ds_fastckpt::crc32c, py::arg("data"), py::arg("crc") = 0,
         "CRC-32C of a buffer, extending `crc`; the checksum manifests record.");
+  m.def("_crc32c_paths", &ds_fastckpt::crc32c_path_names,
+        "Test hook: the CRC-32C implementations this CPU runs, fastest (the one crc32c() uses) first.");
+  m.def("_crc32c_with", &ds_fastckpt::crc32c_with, py::arg("path"), py::arg("data"), py::arg("crc") = 0,
+        "Test hook: crc32c() computed by the named implementation, one of _crc32c_paths().");
+  m.attr("DIRECT_ALIGNMENT") = py::int_(ds_fastckpt::kDirectAlignment);
   m.def("_arm_fault", &ds_fastckpt::faults::arm, py::arg("point"), py::arg("errno"), py::arg("skip"),
         "Test hook: fail hit number skip+1 of a syscall point with errno.");
   m.def("_disarm_faults", &ds_fastckpt::faults::disarm_all);

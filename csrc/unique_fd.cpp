@@ -1,9 +1,10 @@
 #include "unique_fd.h"
 
-#include <cerrno>
 #include <unistd.h>
 
 #include <utility>
+
+#include "checked_syscall.h"
 
 namespace ds_fastckpt {
 
@@ -34,7 +35,8 @@ int UniqueFd::close() noexcept {
   if (fd_ < 0) return 0;
   const int fd = std::exchange(fd_, -1);
   g_closed.fetch_add(1);
-  return ::close(fd) == 0 ? 0 : errno;
+  // Not retried on EINTR: see OnEintr. No fault point here; close_checked() has it.
+  return try_syscall(nullptr, [fd] { return ::close(fd); }, OnEintr::kFail).err;
 }
 
 }  // namespace ds_fastckpt

@@ -18,7 +18,9 @@ logger = logging.getLogger(__name__)
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # ds_fastckpt/, two levels above this file
 
-_SOURCES = ("unique_fd.cpp", "fault_injection.cpp", "crc32c.cpp", "aio_queue.cpp", "aio_writer.cpp", "aio_reader.cpp", "fastckpt_binding.cpp")
+_SOURCES = ("unique_fd.cpp", "fault_injection.cpp", "direct_io.cpp", "crc32c.cpp", "crc32c_portable.cpp",
+            "crc32c_sse42.cpp", "crc32c_armv8.cpp", "aio_queue.cpp", "aio_writer.cpp", "aio_reader.cpp",
+            "fastckpt_binding.cpp")
 
 
 def csrc_dir() -> Path:

@@ -1,0 +1,49 @@
+// The CRC-32C implementations behind crc32c_extend(), one per file, and which of them this build has.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+// The SSE4.2 path is compiled on every x86-64 build (a function-level target
+// attribute enables the instruction) and used where the CPU has it.
+#if defined(__x86_64__)
+#define DS_FASTCKPT_CRC32C_SSE42 1
+#else
+#define DS_FASTCKPT_CRC32C_SSE42 0
+#endif
+
+// The ARMv8 path needs the ACLE __crc32c* intrinsics to be declared without a
+// -march that enables +crc for the whole file: GCC's arm_acle.h declares them
+// under its own target pragma (GCC 8 and later), clang's only from 16 on.
+// Elsewhere (an older clang without +crc) the portable path is used. Linux
+// only: the CPU check reads the kernel's HWCAP bits; little-endian only: the
+// eight-byte step hands crc32cx the bytes as a little-endian word.
+#if defined(__aarch64__) && defined(__linux__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ &&       \
+    (defined(__ARM_FEATURE_CRC32) || (defined(__clang__) && __clang_major__ >= 16) ||                 \
+     (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 8))
+#define DS_FASTCKPT_CRC32C_ARMV8 1
+#else
+#define DS_FASTCKPT_CRC32C_ARMV8 0
+#endif
+
+namespace ds_fastckpt {
+namespace crc32c_impl {
+
+// Each update_* function advances the raw CRC register `state` (the complement
+// of the CRC value) over [data, data + size); crc32c_extend() does the
+// complementing. Every one gives the same result for the same input.
+
+std::uint32_t update_portable(std::uint32_t state, const std::uint8_t* data, std::size_t size) noexcept;
+
+#if DS_FASTCKPT_CRC32C_SSE42
+bool cpu_has_sse42() noexcept;
+std::uint32_t update_sse42(std::uint32_t state, const std::uint8_t* data, std::size_t size) noexcept;
+#endif
+
+#if DS_FASTCKPT_CRC32C_ARMV8
+bool cpu_has_armv8_crc32() noexcept;
+std::uint32_t update_armv8(std::uint32_t state, const std::uint8_t* data, std::size_t size) noexcept;
+#endif
+
+}  // namespace crc32c_impl
+}  // namespace ds_fastckpt
