@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
+from ds_fastckpt.cli.arguments import integer_at_least
 from ds_fastckpt.cli.measure import format_ratio, interleaved, medians, ratios, timed
 from ds_fastckpt.cli.output import say
 from ds_fastckpt.native.op import load_op
@@ -54,20 +55,10 @@ def _parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: use an integer >= 1")
-    return value
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--dir", type=Path, default=Path("."), help="directory on the disk to measure")
     parser.add_argument("--size", type=parse_size, default=1 << 30, help="state dict size (default 1GiB)")
-    parser.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--rounds", type=integer_at_least(1), default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--crc32-both", action="store_true",
                         help="run AioFileWriter and torch.save+fsync with torch's zip CRC32 off and on")
     parser.add_argument("--io-buffer", type=_parse_bytes, default=DEFAULT_IO_BUFFER_SIZE,

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from ds_fastckpt.cli.arguments import integer_at_least
 from ds_fastckpt.cli.output import say, warn
 from ds_fastckpt.decisions.resume import read_latest
 from ds_fastckpt.decisions.retention import RetentionPolicy, policy_from_config
@@ -77,20 +78,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _policy_arguments(parser, required: bool) -> None:
-    parser.add_argument("--keep-last", type=_non_negative, required=required,
+    parser.add_argument("--keep-last", type=integer_at_least(0), required=required,
                         help="complete checkpoints to keep, newest by commit; 0 keeps all")
-    parser.add_argument("--keep-every", type=_non_negative, default=0,
+    parser.add_argument("--keep-every", type=integer_at_least(0), default=0,
                         help="also keep checkpoints whose step is a multiple of this")
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: use an integer >= 0")
-    return value
 
 
 def _existing_dir(path: Path) -> Path:

@@ -7,20 +7,10 @@ import pytest
 
 from ds_fastckpt.decisions.retention import AnyOf, EveryNSteps, LatestN
 from ds_fastckpt.decisions.rotation import choose
-from ds_fastckpt.format.manifest import FileRecord, Manifest, write_manifest
 from ds_fastckpt.format.names import MANIFEST_NAME, PENDING_MARKER_NAME
 from ds_fastckpt.format.records import complete_checkpoints, scan
 from tests.hostile_helpers import link_to_dev_zero, make_fifo, nested_json, promptly
-
-
-def commit(save_dir, tag, sequence, step=None):
-    tag_dir = save_dir / tag
-    tag_dir.mkdir()
-    (tag_dir / "model.pt").write_bytes(b"weights")
-    write_manifest(tag_dir, Manifest(tag=tag, step=step, sequence=sequence, committed_unix_ns=sequence,
-                                     world_size=1, deepspeed_version="x", ds_fastckpt_version="y",
-                                     files=[FileRecord(path="model.pt", bytes=7, crc32c=1)]), fsync=False)
-    return tag_dir
+from tests.unit.committed import commit
 
 
 def pending(save_dir, tag, marker_tag, after_sequence=1):

@@ -12,19 +12,9 @@ from ds_fastckpt import UnsafeDeletionError
 from ds_fastckpt.decisions.retention import AnyOf, EveryNSteps, LatestN
 from ds_fastckpt.decisions.rotation import Rotation
 from ds_fastckpt.faults import save_points
-from ds_fastckpt.format.manifest import FileRecord, Manifest, write_manifest
 from ds_fastckpt.format.names import LATEST_NAME, MANIFEST_NAME, PENDING_MARKER_NAME
 from ds_fastckpt.format.records import scan
-
-
-def commit(save_dir, tag, sequence, step=None):
-    tag_dir = save_dir / tag
-    tag_dir.mkdir()
-    (tag_dir / "model.pt").write_bytes(b"weights")
-    write_manifest(tag_dir, Manifest(tag=tag, step=step, sequence=sequence, committed_unix_ns=sequence,
-                                     world_size=1, deepspeed_version="x", ds_fastckpt_version="y",
-                                     files=[FileRecord(path="model.pt", bytes=7, crc32c=1)]), fsync=False)
-    return tag_dir
+from tests.unit.committed import commit
 
 
 def pending(save_dir, tag, after_sequence):
