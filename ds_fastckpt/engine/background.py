@@ -8,9 +8,11 @@ knows how a file is written.
 import concurrent.futures
 import io
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
+
+from ds_fastckpt.native.layout_save import Layout, SnapshotTooLargeError, lay_out, layout_first_supported
 
 THREAD_NAME = "ds_fastckpt-writer"
 
@@ -55,8 +57,20 @@ def wait_for(futures: List[concurrent.futures.Future], timeout_s: float,
     return results, failure
 
 
-def snapshot(state_dict) -> bytes:
-    """``state_dict`` serialized into host memory now, for writes that must not see later changes."""
+def snapshot(state_dict, limit_bytes: int = 0) -> Union[Layout, bytes]:
+    """``state_dict`` as it is now, in host memory, for a write that must not see later changes.
+
+    Its layout with every storage copied (``Layout.snapshot``: accelerator
+    tensors by DMA into pinned memory); serialized bytes where the layout needs
+    data it leaves out (torch's zip CRC32 on).
+
+    Raises:
+        SnapshotTooLargeError: when the storages exceed ``limit_bytes`` (0: no limit); nothing was copied.
+    """
+    if layout_first_supported():
+        return lay_out(state_dict).snapshot(limit_bytes)
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
+    if limit_bytes and buffer.tell() > limit_bytes:
+        raise SnapshotTooLargeError(f"a snapshot of {buffer.tell()} bytes exceeds the limit of {limit_bytes} bytes")
     return buffer.getvalue()

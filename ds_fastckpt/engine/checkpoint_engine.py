@@ -28,6 +28,7 @@ from ds_fastckpt.format.manifest import FileRecord, write_pending_marker
 from ds_fastckpt.format.names import pending_path
 from ds_fastckpt.format.records import CheckpointRecord, newest_sequence
 from ds_fastckpt.format.tags import InvalidTagError, validate_tag
+from ds_fastckpt.native.layout_save import DeviceCopier, Layout, save_layout_first
 from ds_fastckpt.native.op import load_op
 from ds_fastckpt.native.staging import StagingBuffer
 from ds_fastckpt.native.writer import AioFileWriter, torch_zip_crc32
@@ -103,6 +104,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self.node_local = node_local
         self._host = socket.gethostname()
         self._staging: Optional[StagingBuffer] = None
+        self._device_copiers: Dict[torch.device, DeviceCopier] = {}  # pinned blocks per accelerator, reused
         self._save: Optional[SaveInProgress] = None
         self._next_step: Optional[int] = None
         self._next_save_latest = True
@@ -220,14 +222,16 @@ class FastAioCheckpointEngine(CheckpointEngine):
             logger.error("writing %s failed; checkpoint %r will not be committed: %s", target, save.tag, error)
 
     def _write_file(self, payload, path: Path, save: Optional[SaveInProgress]) -> Optional[FileRecord]:
-        """Writes one file durably: a state dict through torch.save, or bytes serialized earlier."""
+        """Writes one file durably: a state laid out first (``layout_save``), a snapshot, or serialized bytes."""
         with torch_zip_crc32(self.options.torch_crc32), \
                 AioFileWriter(path, staging=self._staging_buffer(), fsync=self.options.fsync,
                               **self.tuning) as writer:
             if isinstance(payload, bytes):
                 writer.write(payload)
+            elif isinstance(payload, Layout):
+                payload.write_to(writer, self._device_copiers)
             else:
-                torch.save(payload, writer)
+                save_layout_first(payload, writer, self._device_copiers)
             save_points.reached("before_file_close")
         save_points.reached("after_file_write")
         if save is None or not path.is_relative_to(save.pending):

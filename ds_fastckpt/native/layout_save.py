@@ -1,0 +1,272 @@
+"""``torch.save`` laid out first, then filled: every storage's bytes go from its own memory to the writer.
+
+``torch.save`` into a file object copies each storage twice before a byte
+reaches disk: a CUDA storage through ``storage.cpu()`` into pageable memory,
+one storage at a time, and every storage through the serializer's write
+callback. torch also lets a save lay the archive out without its data: under
+``torch.serialization.skip_data()`` it writes every header and the pickle,
+and skips each storage's bytes with ``seek(nbytes, SEEK_CUR)`` on the file
+object. ``lay_out`` records that as a ``Layout``: the few small byte pieces,
+and which storage fills each skipped range. ``Layout.write_to`` then writes
+the file in order, each storage straight from its own memory: a CPU storage
+as one zero-copy view, an accelerator storage in blocks copied by DMA into
+pinned memory on a side stream, each block's copy overlapping the write of
+the one before. ``Layout.snapshot`` copies the storages to host memory first,
+for a write that runs later on another thread. The file is byte for byte
+what ``torch.save`` writes: a plain torch.save file every tool reads.
+
+torch writes storages in the order its pickler first meets them; a first
+pickling pass here meets them in the same order (same pickle module, protocol
+and rule: one entry per untyped storage), and every skipped range is checked
+against the storage it is given.
+
+The zip CRC32 of a record is computed from the data torch writes, which
+skip_data leaves out: with torch's CRC32 on, the engine uses plain
+``torch.save`` (see ``layout_first_supported``).
+"""
+
+import io
+import pickle
+from typing import Dict, Iterator, List, Optional, Union
+
+import torch
+from torch.serialization import DEFAULT_PROTOCOL, get_crc32_options
+
+# Bytes per block of an accelerator storage in flight to pinned memory: two blocks alternate, one being copied
+# while the other is written.
+DEVICE_BLOCK_BYTES = 16 << 20
+_CPU = torch.device("cpu")
+
+
+class LayoutMismatchError(RuntimeError):
+    """torch skipped a range that is not the next storage's size: nothing is written from such a layout."""
+
+
+class SnapshotTooLargeError(MemoryError):
+    """A snapshot would need more host memory than the limit allows; nothing was copied."""
+
+
+def layout_first_supported() -> bool:
+    """Whether this torch can lay a save out first (``skip_data``) and zip CRC32 is off (it needs the data)."""
+    return hasattr(torch.serialization, "skip_data") and not get_crc32_options()
+
+
+class Layout:
+    """A ``torch.save`` file as torch lays it out: its pieces in file order, bytes or the storage that fills a range.
+
+    The bytes (headers, the pickle, the central directory) are small and
+    copied; a storage piece is the storage itself until ``snapshot`` replaces
+    it with a host copy.
+    """
+
+    def __init__(self, pieces: List[Union[bytes, torch.UntypedStorage]]):
+        self.pieces = pieces
+
+    @property
+    def storage_bytes(self) -> int:
+        return sum(piece.nbytes() for piece in self.pieces if not isinstance(piece, bytes))
+
+    def snapshot(self, limit_bytes: int = 0) -> "Layout":
+        """The same layout with every storage copied to host memory now: later changes to the tensors do not show.
+
+        Accelerator storages are copied by DMA into pinned memory (torch's
+        caching host allocator reuses it across saves); this returns once
+        every copy has landed. CPU storages are copied with memcpy.
+
+        Args:
+            limit_bytes: refuse a snapshot of more storage bytes than this; 0 sets no limit.
+
+        Raises:
+            SnapshotTooLargeError: before copying anything, when ``limit_bytes`` is exceeded.
+        """
+        if limit_bytes and self.storage_bytes > limit_bytes:
+            raise SnapshotTooLargeError(f"a snapshot of {self.storage_bytes} bytes exceeds the limit of "
+                                        f"{limit_bytes} bytes")
+        copies = [piece if isinstance(piece, bytes) else _host_copy(piece) for piece in self.pieces]
+        for device in {piece.device for piece in self.pieces if not isinstance(piece, bytes)} - {_CPU}:
+            torch.get_device_module(device).current_stream(device).synchronize()
+        return Layout(copies)
+
+    def write_to(self, writer: io.RawIOBase,
+                 device_copiers: Optional[Dict[torch.device, "DeviceCopier"]] = None) -> None:
+        """Writes the file to ``writer``: each storage from its own memory, no serializer copy.
+
+        Args:
+            writer: a writable file object (``AioFileWriter``).
+            device_copiers: the ``DeviceCopier`` of each accelerator device, kept by the caller to reuse
+                across files (pinning is slow); one is added for a device met without one.
+
+        Raises:
+            OSError: from the writer, with errno and path.
+        """
+        copiers = {} if device_copiers is None else device_copiers
+        for piece in self.pieces:
+            if isinstance(piece, bytes):
+                writer.write(piece)
+            elif piece.device.type == "cpu":
+                writer.write(_bytes_of(piece).numpy())
+            else:
+                if piece.device not in copiers:
+                    copiers[piece.device] = DeviceCopier(piece.device)
+                copiers[piece.device].write(piece, writer)
+
+
+def lay_out(obj) -> Layout:
+    """How ``torch.save(obj)`` lays its file out, with no storage byte copied.
+
+    Raises:
+        LayoutMismatchError: when torch's layout disagrees with the storages found (a torch change).
+    """
+    with torch.serialization.skip_data():
+        recorder = _LayoutRecorder(storages_in_save_order(obj))
+        torch.save(obj, recorder)
+    return recorder.finish()
+
+
+def save_layout_first(obj, writer: io.RawIOBase,
+                      device_copiers: Optional[Dict[torch.device, "DeviceCopier"]] = None) -> None:
+    """``torch.save(obj, writer)``, each storage written from its own memory (plain torch.save where unsupported).
+
+    See ``Layout.write_to`` for the arguments and errors.
+    """
+    if layout_first_supported():
+        lay_out(obj).write_to(writer, device_copiers)
+    else:
+        torch.save(obj, writer)
+
+
+def storages_in_save_order(obj) -> List[torch.UntypedStorage]:
+    """The untyped storages of ``obj``, each once, in the order ``torch.save`` writes their records."""
+    found: List[torch.UntypedStorage] = []
+    keys = {}
+
+    class _StorageFinder(pickle.Pickler):
+        def persistent_id(self, value):
+            if isinstance(value, torch.storage.TypedStorage):
+                storage = value._untyped_storage
+            elif torch.is_storage(value):
+                storage = value
+            else:
+                return None
+            if storage._cdata not in keys:
+                keys[storage._cdata] = len(found)
+                found.append(storage)
+            return keys[storage._cdata]
+
+    _StorageFinder(_Discard(), protocol=DEFAULT_PROTOCOL).dump(obj)
+    return found
+
+
+class DeviceCopier:
+    """Two pinned host blocks and a side stream: an accelerator storage goes to the writer block by block.
+
+    The copy of block i+1 (DMA, on the side stream) runs while block i is
+    handed to the writer. Made on first use and reused across files: pinning
+    memory is slow.
+
+    Args:
+        device: the accelerator device of the storages it copies.
+        block_bytes: bytes per block.
+    """
+
+    def __init__(self, device: torch.device, block_bytes: int = DEVICE_BLOCK_BYTES):
+        self.device = torch.device(device)
+        self._module = torch.get_device_module(self.device)
+        self._stream = self._module.Stream(self.device)
+        self._blocks = [torch.empty(block_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+
+    def write(self, storage: torch.UntypedStorage, writer: io.RawIOBase) -> None:
+        """Writes ``storage``'s bytes to ``writer``; returns when the writer has taken the last block."""
+        source = _bytes_of(storage)
+        block_bytes = self._blocks[0].numel()
+        # The side stream must see every kernel the training stream queued that writes this storage.
+        self._stream.wait_stream(self._module.current_stream(self.device))
+        in_flight = None
+        for index, start in enumerate(range(0, source.numel(), block_bytes)):
+            length = min(block_bytes, source.numel() - start)
+            block = self._blocks[index % 2][:length]
+            with self._module.stream(self._stream):
+                block.copy_(source[start:start + length], non_blocking=True)
+                copied = self._module.Event()
+                copied.record(self._stream)
+            if in_flight is not None:
+                self._hand_over(in_flight, writer)
+            in_flight = (copied, block)
+        if in_flight is not None:
+            self._hand_over(in_flight, writer)
+        # The training stream may free or reuse the storage once its copies have been read.
+        source.record_stream(self._stream)
+
+    @staticmethod
+    def _hand_over(in_flight, writer: io.RawIOBase) -> None:
+        copied, block = in_flight
+        copied.synchronize()
+        writer.write(block.numpy())  # copied into the writer's staging before write() returns: the block is free
+
+
+class _LayoutRecorder(io.RawIOBase):
+    """The file object torch.save lays the file out on: bytes are kept, each skipped range names its storage."""
+
+    def __init__(self, storages: List[torch.UntypedStorage]):
+        super().__init__()
+        self._storages: Iterator[torch.UntypedStorage] = iter(storages)
+        self._pieces: List[Union[bytes, torch.UntypedStorage]] = []
+        self._position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        piece = bytes(data)  # torch reuses its buffer after the call
+        self._pieces.append(piece)
+        self._position += len(piece)
+        return len(piece)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence != io.SEEK_CUR or offset <= 0:
+            raise LayoutMismatchError(f"torch.save moved by ({offset}, {whence}) while laying out a file; only a "
+                                      "forward skip over a storage's bytes is expected")
+        self._pieces.append(self._next_storage(offset))
+        self._position += offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def finish(self) -> Layout:
+        """The layout recorded, once every storage with bytes has its range."""
+        left = [storage for storage in self._storages if storage.nbytes()]
+        if left:
+            raise LayoutMismatchError(f"torch.save gave no range to {len(left)} storage(s) while laying out a file")
+        return Layout(self._pieces)
+
+    def _next_storage(self, nbytes: int) -> torch.UntypedStorage:
+        for storage in self._storages:
+            if storage.nbytes() == 0:
+                continue  # torch writes no bytes, and skips none, for an empty storage
+            if storage.nbytes() != nbytes:
+                raise LayoutMismatchError(f"torch.save skipped {nbytes} bytes where the next storage has "
+                                          f"{storage.nbytes()}")
+            return storage
+        raise LayoutMismatchError(f"torch.save skipped {nbytes} bytes after the last storage")
+
+
+class _Discard:
+    """A write-only sink: the finder pass needs the pickler's traversal, not its bytes."""
+
+    def write(self, data) -> int:
+        return len(data)
+
+
+def _host_copy(storage: torch.UntypedStorage) -> torch.UntypedStorage:
+    """A host copy of ``storage``: pinned and copied by DMA (asynchronously) for an accelerator storage."""
+    if storage.device.type == "cpu":
+        return storage.clone()
+    copy = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=True)
+    copy.copy_(_bytes_of(storage), non_blocking=True)
+    return copy.untyped_storage()
+
+
+def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A uint8 tensor viewing ``storage``'s bytes, without copying them."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
