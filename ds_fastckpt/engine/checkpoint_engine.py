@@ -1,5 +1,6 @@
 """The ``fast_aio`` checkpoint engine: DeepSpeed's engine protocol over AioFileWriter, with atomic commit."""
 
+import concurrent.futures
 import logging
 import os
 import socket
@@ -28,7 +29,7 @@ from ds_fastckpt.format.manifest import FileRecord, write_pending_marker
 from ds_fastckpt.format.names import pending_path
 from ds_fastckpt.format.records import CheckpointRecord, newest_sequence
 from ds_fastckpt.format.tags import InvalidTagError, validate_tag
-from ds_fastckpt.native.layout_save import DeviceCopier, Layout, save_layout_first
+from ds_fastckpt.native.layout_save import DeviceCopier, Layout, SnapshotTooLargeError, save_layout_first
 from ds_fastckpt.native.op import load_op
 from ds_fastckpt.native.staging import StagingBuffer
 from ds_fastckpt.native.writer import AioFileWriter, torch_zip_crc32
@@ -81,9 +82,13 @@ class FastAioCheckpointEngine(CheckpointEngine):
     so nothing is durable when ``save_checkpoint`` returns. DeepSpeed calls
     ``get_commit_info`` and ``commit`` at the next gradient-accumulation
     boundary, before the optimizer step changes any tensor; ``commit`` waits
-    for the writes and then does step 3 exactly as above. A second
-    ``save_checkpoint`` first commits the one in flight; ``cleanup`` (from
-    ``engine.destroy()``), ``wait()`` and interpreter exit commit it too.
+    for the writes and then does step 3 exactly as above. With ``snapshot``
+    the files are host copies taken in ``save``, so no write reads a live
+    tensor: ``commit`` at each boundary first asks every rank (a collective)
+    whether its writes have ended, and commits only once all have; training
+    waits for the copies, not the disk. A second ``save_checkpoint`` first
+    commits the one in flight; ``cleanup`` (from ``engine.destroy()``),
+    ``wait()``, a load and interpreter exit commit it too.
 
     ``load(path)`` reads the file with O_DIRECT, verifies it against its
     manifest as ``verify`` says and deserializes it from memory (see
@@ -113,7 +118,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._background: Optional[BackgroundWriter] = None
         # Built once: the retention policy, and the removals of rotated checkpoints still running in the background.
         self._rotation = Rotation(policy_from_config(options), options.async_timeout_s)
-        self._locked_dir: Optional[Path] = None  # the save_dir whose lock this engine holds: one at a time
+        self._lock = save_dir_lock.OneLock()  # the save_dir lock this engine holds: one at a time
         self._saved_dirs: Set[str] = set()  # every save_dir saved into, resolved, for the fd audit
         self._checkpoint_save_next = False  # set by save_checkpoint: the next create() starts a checkpoint
         self._file_save = False  # between create() and commit() of a save that is not a checkpoint
@@ -155,7 +160,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
     def wait(self) -> None:
         """Finishes and commits the checkpoint in flight, if any. Every rank must call it."""
         if self._save is not None:
-            self.commit(self.get_commit_info())
+            self._commit_now()
 
     def cleanup(self):
         self.wait()
@@ -163,7 +168,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         if self._background is not None:
             self._background.shutdown()
             self._background = None
-        self._release_lock()
+        self._lock.release()
 
     def save_aborted(self, error: BaseException) -> None:
         """Called when DeepSpeed's ``save_checkpoint`` raised: the checkpoint it was writing is never committed."""
@@ -213,13 +218,27 @@ class FastAioCheckpointEngine(CheckpointEngine):
                 if record is not None:  # None for a path outside the checkpoint directory
                     save.files.append(record)
                 return
-            if self.options.snapshot:
-                with torch_zip_crc32(self.options.torch_crc32):
-                    state_dict = snapshot(state_dict)
-            save.pending_writes.append(self._background.submit(self._write_file, state_dict, target, save))
+            payload = self._snapshot(state_dict, save) if self.options.snapshot else state_dict
+            write = self._background.submit(self._write_file, payload, target, save)
+            save.pending_writes.append(write)
+            if self.options.snapshot and payload is state_dict:  # no room for a snapshot: written before we return
+                concurrent.futures.wait([write])
         except Exception as error:  # commit() raises it, once every rank has heard, so that none waits for us
             save.failed = error
             logger.error("writing %s failed; checkpoint %r will not be committed: %s", target, save.tag, error)
+
+    def _snapshot(self, state_dict, save: SaveInProgress):
+        """A host copy of ``state_dict`` within ``snapshot_max_bytes``; ``state_dict`` itself when it does not fit."""
+        limit = self.options.snapshot_max_bytes
+        try:
+            with torch_zip_crc32(self.options.torch_crc32):
+                copy = snapshot(state_dict, limit - save.snapshot_bytes if limit else 0)
+        except SnapshotTooLargeError as error:
+            logger.warning("checkpoint %r: %d bytes left of snapshot_max_bytes=%d; writing this file now, with "
+                           "training waiting for it (%s)", save.tag, limit - save.snapshot_bytes, limit, error)
+            return state_dict
+        save.snapshot_bytes += copy.storage_bytes if isinstance(copy, Layout) else len(copy)
+        return copy
 
     def _write_file(self, payload, path: Path, save: Optional[SaveInProgress]) -> Optional[FileRecord]:
         """Writes one file durably: a state laid out first (``layout_save``), a snapshot, or serialized bytes."""
@@ -246,6 +265,16 @@ class FastAioCheckpointEngine(CheckpointEngine):
         if self._file_save:
             self._file_save = False
             return True
+        if self._save is not None and self.options.snapshot and not self._writes_done_everywhere(self._save):
+            return True  # the writes read snapshots, not live tensors: DeepSpeed asks again at its next step
+        return self._commit_now()
+
+    def _writes_done_everywhere(self, save: SaveInProgress) -> bool:
+        """Whether every rank's writes of ``save`` have ended; the same answer on every rank (a collective)."""
+        mine = all(write.done() for write in save.pending_writes)
+        return all(self._ranks.gather(mine, f"checkpoint {save.tag!r} was not committed"))
+
+    def _commit_now(self) -> bool:
         save, self._save = self._save, None
         if save is None:
             return True
@@ -327,7 +356,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         """
         backend = storage.storage_for(save.save_dir)
         backend.make_dir(save.save_dir, parents=True, exist_ok=True)
-        self._lock(save.save_dir)
+        self._lock.hold(save.save_dir)
         records = self._rotation.scan(save.save_dir)
         final = save.save_dir / save.tag
         if backend.exists(final) and save.tag not in {record.name for record in records if record.complete}:
@@ -342,20 +371,6 @@ class FastAioCheckpointEngine(CheckpointEngine):
         backend.make_dir(save.pending)
         # Not fsynced: if a crash loses the pending directory or its marker, no checkpoint is lost.
         write_pending_marker(save.pending, save.tag, newest_sequence(records), fsync=False)
-
-    def _lock(self, save_dir: Path) -> None:
-        """Holds the lock of ``save_dir`` and of no other directory, re-checked at every save."""
-        if self._locked_dir == save_dir:
-            save_dir_lock.recheck(save_dir)
-            return
-        self._release_lock()
-        save_dir_lock.acquire(save_dir)
-        self._locked_dir = save_dir
-
-    def _release_lock(self) -> None:
-        if self._locked_dir is not None:
-            save_dir_lock.release(self._locked_dir)
-            self._locked_dir = None
 
     def _publish(self, save: SaveInProgress, files: List[FileRecord]) -> None:
         if self.node_local:

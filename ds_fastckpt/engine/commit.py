@@ -22,9 +22,9 @@ from typing import Callable, List, Optional
 
 import deepspeed
 
+from ds_fastckpt import storage
 from ds_fastckpt._version import __version__
 from ds_fastckpt.engine import collectives
-from ds_fastckpt import storage
 from ds_fastckpt.faults import save_points
 from ds_fastckpt.format.atomicity import atomic_write_bytes, publish_dir, undo_publish
 from ds_fastckpt.format.manifest import FileRecord, Manifest, write_manifest
@@ -47,6 +47,7 @@ class SaveInProgress:
     files: List[FileRecord] = field(default_factory=list)
     pending_writes: list = field(default_factory=list)  # Futures of FileRecord or None, async mode only
     failed: Optional[BaseException] = None  # this rank's first error in this save: it is never committed
+    snapshot_bytes: int = 0  # host memory this save's snapshots took, for snapshot_max_bytes
 
     @property
     def final(self) -> Path:

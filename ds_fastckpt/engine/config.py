@@ -95,8 +95,14 @@ class FastAioConfig(DeepSpeedConfigModel):
     or interpreter exit, whichever comes first."""
 
     snapshot: StrictBool = False
-    """With ``async``: serialize the state into host memory before ``save_checkpoint`` returns, for loops that
-    change tensors between saving and the next optimizer step. Costs a full host copy."""
+    """With ``async``: copy every file's tensors into host memory before ``save`` returns (accelerator tensors by
+    DMA into pinned memory), so the writes never read live tensors: training waits only for the copies, and the
+    commit happens at the first optimizer step after every rank's writes have finished, not before the next
+    step. Costs a host copy of the state."""
+
+    snapshot_max_bytes: StrictInt = Field(0, ge=0, json_schema_extra={"note": "0 sets no limit"})
+    """With ``snapshot``: host memory the snapshots of one checkpoint may take, in bytes. A file whose snapshot
+    would pass it is written at once instead, with training waiting for it, and a warning says so."""
 
     async_timeout_s: Seconds = 1800
     """With ``async``: how long a commit waits for the background writer before failing."""

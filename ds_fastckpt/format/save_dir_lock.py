@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ds_fastckpt import storage
 from ds_fastckpt.format.names import LOCK_NAME
@@ -124,3 +124,29 @@ def _forget_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
+
+
+class OneLock:
+    """The lock of one save_dir at a time, for an engine: holding another directory's releases the last.
+
+    A client that saves every checkpoint into a new directory (the Hugging
+    Face Trainer's ``checkpoint-N``) then holds one descriptor, not one per
+    directory.
+    """
+
+    def __init__(self):
+        self.directory: Optional[Path] = None
+
+    def hold(self, save_dir: Path) -> None:
+        """Holds the lock of ``save_dir`` and of no other directory; re-checks it when already held."""
+        if self.directory == save_dir:
+            recheck(save_dir)
+            return
+        self.release()
+        acquire(save_dir)
+        self.directory = save_dir
+
+    def release(self) -> None:
+        if self.directory is not None:
+            release(self.directory)
+            self.directory = None

@@ -166,6 +166,51 @@ def test_snapshot_keeps_the_state_at_save_even_if_tensors_change(tmp_path):
     engine.destroy()
 
 
+def test_with_snapshot_training_goes_on_while_the_writes_run_and_commits_once_they_end(tmp_path, monkeypatch):
+    engine = init_engine(1, {**ASYNC, "snapshot": True})
+    write, release = engine.checkpoint_engine._write_file, threading.Event()
+
+    def held_write(*args):
+        release.wait(60)
+        return write(*args)
+
+    monkeypatch.setattr(engine.checkpoint_engine, "_write_file", held_write)
+    train(engine, 1)
+    engine.save_checkpoint(tmp_path)
+    saved = full_state(engine)
+    started = time.monotonic()
+    train(engine, 2)  # two optimizer steps while no file is written
+    assert time.monotonic() - started < 30 and engine.global_steps == 3
+    assert complete_tags(tmp_path) == []
+    release.set()
+    deadline = time.monotonic() + 60
+    while complete_tags(tmp_path) == [] and time.monotonic() < deadline:
+        train(engine, 1)  # each step's boundary asks whether every write has ended
+    assert complete_tags(tmp_path) == ["global_step1"]
+    loader = init_engine(1, {"keep_last": 0, "verify": "checksum"}, seed=7)
+    loader.load_checkpoint(tmp_path, tag="global_step1")
+    assert_same_state(saved, full_state(loader))
+    engine.destroy()
+
+
+def test_a_file_beyond_snapshot_max_bytes_is_written_before_save_returns(tmp_path, caplog):
+    engine = init_engine(0, {**ASYNC, "snapshot": True, "snapshot_max_bytes": 1})
+    train(engine, 1)
+    engine.save_checkpoint(tmp_path)
+    saved = full_state(engine)
+    assert "left of snapshot_max_bytes=1; writing this file now" in caplog.text
+    pending = tmp_path / ".global_step1.ds_fastckpt-tmp"
+    assert sorted(path.name for path in pending.iterdir() if path.suffix == ".pt") == ["mp_rank_00_model_states.pt"]
+    with torch.no_grad():
+        for param in engine.module.parameters():
+            param.add_(1.0)
+    ds_fastckpt.wait(engine)
+    loader = init_engine(0, {"keep_last": 0}, seed=7)
+    loader.load_checkpoint(tmp_path)
+    assert torch.equal(full_state(loader)["module.0.weight"], saved["module.0.weight"])
+    engine.destroy()
+
+
 def test_kill_during_a_background_write_keeps_the_previous_checkpoint(tmp_path):
     ready = tmp_path / "writing"
     save_dir = tmp_path / "ckpts"

@@ -36,6 +36,7 @@ TABLE = {
                        "a positive multiple of 4096"),
     "async_timeout_s": ([1, 0.5, 1800, 1e-3, 1e9], [0, -1, -0.5, math.nan, math.inf, -math.inf, "10", True, None],
                         SECONDS),
+    "snapshot_max_bytes": ([0, 1, 1 << 40], [-1, 1.5, "1GiB", True, None], "an integer >= 0 (0 sets no limit)"),
     "commit_timeout_s": ([1, 2.5, 1800], [0, -1800, math.nan, math.inf, "1800", False, [1]], SECONDS),
 }
 TABLE.update({key: ([True, False], ["true", "yes", 1, 0, None, "auto"], BOOL) for key in BOOL_KEYS})
@@ -103,7 +104,7 @@ def test_unknown_keys_are_named_with_the_allowed_ones(section, unknown):
     assert str(raised.value) == (
         f"checkpoint.fast_aio has unknown key(s) {unknown}: allowed keys are keep_last, keep_every, fsync, verify, "
         f"fd_audit, io_buffer_size, torch_crc32, trusted_pickles, skip_damaged_on_resume, async, snapshot, "
-        f"async_timeout_s, commit_timeout_s")
+        f"snapshot_max_bytes, async_timeout_s, commit_timeout_s")
 
 
 @pytest.mark.parametrize("section", [[1, 2], "fast", 3, True, ("keep_last", 1)])
