@@ -17,8 +17,8 @@ what ``torch.save`` writes: a plain torch.save file every tool reads.
 
 torch writes storages in the order its pickler first meets them; a first
 pickling pass here meets them in the same order (same pickle module, protocol
-and rule: one entry per untyped storage), and every skipped range is checked
-against the storage it is given.
+and rule: one entry per untyped storage); as a safety net, every skipped
+range must have the size of the storage that fills it.
 
 The zip CRC32 of a record is computed from the data torch writes, which
 skip_data leaves out: with torch's CRC32 on, the engine uses plain
@@ -119,7 +119,13 @@ def lay_out(obj) -> Layout:
     """
     with torch.serialization.skip_data():
         recorder = _LayoutRecorder(storages_in_save_order(obj))
-        torch.save(obj, recorder)
+        try:
+            torch.save(obj, recorder)
+        except Exception:
+            # torch finishes the archive on the way out, and its own position check then fails: ours is the cause
+            if recorder.mismatch is not None:
+                raise recorder.mismatch from None
+            raise
     return recorder.finish()
 
 
@@ -212,6 +218,7 @@ class _LayoutRecorder(io.RawIOBase):
         self._storages: Iterator[torch.UntypedStorage] = iter(storages)
         self._pieces: List[Union[bytes, torch.UntypedStorage]] = []
         self._position = 0
+        self.mismatch: Optional[LayoutMismatchError] = None  # the first, kept past torch's own error
 
     def writable(self) -> bool:
         return True
@@ -223,10 +230,15 @@ class _LayoutRecorder(io.RawIOBase):
         return len(piece)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence != io.SEEK_CUR or offset <= 0:
-            raise LayoutMismatchError(f"torch.save moved by ({offset}, {whence}) while laying out a file; only a "
-                                      "forward skip over a storage's bytes is expected")
-        self._pieces.append(self._next_storage(offset))
+        try:
+            if whence != io.SEEK_CUR or offset <= 0:
+                raise LayoutMismatchError(f"torch.save moved by ({offset}, {whence}) while laying out a file; only "
+                                          "a forward skip over a storage's bytes is expected")
+            storage = self._next_storage(offset)
+        except LayoutMismatchError as error:
+            self.mismatch = self.mismatch or error
+            raise
+        self._pieces.append(storage)
         self._position += offset
         return self._position
 
