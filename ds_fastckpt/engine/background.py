@@ -15,6 +15,7 @@ import torch
 from ds_fastckpt.native.layout_save import Layout, SnapshotTooLargeError, lay_out, layout_first_supported
 
 THREAD_NAME = "ds_fastckpt-writer"
+REMOVER_THREAD_NAME = "ds_fastckpt-remover"
 
 
 class BackgroundWriterError(RuntimeError):
@@ -22,10 +23,14 @@ class BackgroundWriterError(RuntimeError):
 
 
 class BackgroundWriter:
-    """Runs file writes one at a time on the thread ``ds_fastckpt-writer``, in submission order."""
+    """Runs file writes (or removals) one at a time on one named thread, in submission order.
 
-    def __init__(self):
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
+    Args:
+        thread_name: ``ds_fastckpt-writer`` for async saves, ``ds_fastckpt-remover`` for background deletion.
+    """
+
+    def __init__(self, thread_name: str = THREAD_NAME):
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
 
     def submit(self, write: Callable[..., Any], *args) -> concurrent.futures.Future:
         return self._executor.submit(write, *args)

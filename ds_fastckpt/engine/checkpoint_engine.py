@@ -18,7 +18,7 @@ from ds_fastckpt.decisions.resume import choose_resume_tag
 from ds_fastckpt.decisions.retention import policy_from_config
 from ds_fastckpt.decisions.rotation import Rotation
 from ds_fastckpt.engine import collectives, in_flight
-from ds_fastckpt.engine.background import BackgroundWriter, snapshot, wait_for
+from ds_fastckpt.engine.background import REMOVER_THREAD_NAME, BackgroundWriter, snapshot, wait_for
 from ds_fastckpt.engine.commit import SaveInProgress, publish
 from ds_fastckpt.engine.config import FastAioConfig
 from ds_fastckpt.engine.rank_group import CommitError, RankGroup
@@ -116,6 +116,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._ranks = RankGroup(options.commit_timeout_s)
         self._loader = VerifiedLoader(options, tuning, self._ranks.gather, node_local=node_local)
         self._background: Optional[BackgroundWriter] = None
+        self._remover: Optional[BackgroundWriter] = None  # sync saves with background_delete only
         # Built once: the retention policy, and the removals of rotated checkpoints still running in the background.
         self._rotation = Rotation(policy_from_config(options), options.async_timeout_s)
         self._lock = save_dir_lock.OneLock()  # the save_dir lock this engine holds: one at a time
@@ -129,6 +130,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
         if options.async_save:
             self._background = BackgroundWriter()
             in_flight.commit_at_exit(self)
+        elif options.background_delete:
+            self._remover = BackgroundWriter(REMOVER_THREAD_NAME)
 
     def prepare_save(self, step: Optional[int], save_latest: bool) -> None:
         """Called by the ``save_checkpoint`` hook: the step for the manifest and whether to write ``latest``.
@@ -165,9 +168,9 @@ class FastAioCheckpointEngine(CheckpointEngine):
     def cleanup(self):
         self.wait()
         self._rotation.finish_removals()
-        if self._background is not None:
-            self._background.shutdown()
-            self._background = None
+        for thread in filter(None, (self._background, self._remover)):
+            thread.shutdown()
+        self._background = self._remover = None
         self._lock.release()
 
     def save_aborted(self, error: BaseException) -> None:
@@ -339,11 +342,12 @@ class FastAioCheckpointEngine(CheckpointEngine):
     def rotate(self, save_dir: Path, protected=()) -> List[CheckpointRecord]:
         """Deletes what the retention policy chooses (see ``rotation.Rotation.apply``); returns what was deleted.
 
-        In async mode the files of retired checkpoints are removed on the
-        background writer, off the training thread; otherwise here.
+        The files of retired checkpoints are removed off the training thread
+        in async mode (on the background writer) and with ``background_delete``
+        (on the ``ds_fastckpt-remover`` thread); otherwise here.
         """
-        submit = None if self._background is None else self._background.submit
-        return self._rotation.apply(save_dir, protected, submit=submit)
+        remover = self._background or self._remover
+        return self._rotation.apply(save_dir, protected, submit=None if remover is None else remover.submit)
 
     def _on_leader(self, action, failure: str) -> None:
         self._ranks.on_leader(self.is_storage_leader(), action, failure)

@@ -89,6 +89,12 @@ class FastAioConfig(DeepSpeedConfigModel):
     too with ``verify`` "checksum") and resume from the newest intact one, with a warning naming what was
     skipped. Off by default: a damaged newest checkpoint raises, so training never silently goes back."""
 
+    background_delete: StrictBool = False
+    """Remove the files of rotated checkpoints on a background thread (``ds_fastckpt-remover``). Each is first
+    renamed to its trash name and save_dir fsynced before the save returns, as always; only the unlinking, which
+    costs about as much as writing on filesystems mounted with ``discard``, is left to the thread. Off by
+    default: then the disk space is free when the save returns. Async saves always remove in the background."""
+
     async_save: StrictBool = Field(False, alias="async")
     """Write in the background: ``save_checkpoint`` returns at once; the commit happens at the next
     optimizer step (DeepSpeed's decoupled-engine protocol), ``engine.destroy()``, ``ds_fastckpt.wait(engine)``

@@ -1,8 +1,10 @@
 """Rotation keeps the newest keep_last complete checkpoints by commit order and touches nothing else."""
 
 import os
+import threading
 
 from ds_fastckpt import deleted_fds_under, open_fds_under
+from ds_fastckpt.decisions import rotation
 from ds_fastckpt.format.names import LOCK_NAME
 from tests.ds_helpers import init_engine, train
 
@@ -99,3 +101,25 @@ def test_fifty_save_rotate_cycles_leave_no_fd(tmp_path):
         assert deleted_fds_under(tmp_path) == []
     assert [entry.target for entry in open_fds_under(tmp_path)] == [str(tmp_path / LOCK_NAME)]  # held on purpose
     assert checkpoint_dirs(tmp_path) == ["global_step49", "global_step50"]
+
+
+def test_background_delete_retires_at_once_and_unlinks_on_the_remover_thread(tmp_path, monkeypatch):
+    removed_on = []
+    remove = rotation.remove_retired
+
+    def watched_remove(trash):
+        removed_on.append(threading.current_thread().name)
+        remove(trash)
+
+    monkeypatch.setattr(rotation, "remove_retired", watched_remove)
+    engine = init_engine(1, {"keep_last": 1, "background_delete": True})
+    for _ in range(3):
+        train(engine, 1)
+        engine.save_checkpoint(tmp_path)
+        # Renamed away before the save returned: only the newest is a checkpoint; a trash dir may linger.
+        assert [name for name in checkpoint_dirs(tmp_path) if not name.endswith("-trash")] == [
+            f"global_step{engine.global_steps}"]
+    engine.destroy()  # waits for the removals
+    assert checkpoint_dirs(tmp_path) == ["global_step3"]
+    assert removed_on == ["ds_fastckpt-remover_0"] * 2
+    assert deleted_fds_under(tmp_path) == []

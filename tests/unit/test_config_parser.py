@@ -22,7 +22,8 @@ from ds_fastckpt.native.tuning import DEFAULT_IO_BUFFER_SIZE, DEFAULT_TUNING, Ai
 
 BOOL = "true or false"
 SECONDS = "a finite number of seconds > 0"
-BOOL_KEYS = ("fsync", "torch_crc32", "trusted_pickles", "skip_damaged_on_resume", "async", "snapshot")
+BOOL_KEYS = ("fsync", "torch_crc32", "trusted_pickles", "skip_damaged_on_resume", "background_delete", "async",
+             "snapshot")
 ATTRIBUTE = {"async": "async_save"}  # the key a user writes -> FastAioConfig's attribute
 
 # key -> (accepted values, refused values, what the message says is allowed)
@@ -103,8 +104,8 @@ def test_unknown_keys_are_named_with_the_allowed_ones(section, unknown):
         parse_fast_aio({"fast_aio": section})
     assert str(raised.value) == (
         f"checkpoint.fast_aio has unknown key(s) {unknown}: allowed keys are keep_last, keep_every, fsync, verify, "
-        f"fd_audit, io_buffer_size, torch_crc32, trusted_pickles, skip_damaged_on_resume, async, snapshot, "
-        f"snapshot_max_bytes, async_timeout_s, commit_timeout_s")
+        f"fd_audit, io_buffer_size, torch_crc32, trusted_pickles, skip_damaged_on_resume, background_delete, "
+        f"async, snapshot, snapshot_max_bytes, async_timeout_s, commit_timeout_s")
 
 
 @pytest.mark.parametrize("section", [[1, 2], "fast", 3, True, ("keep_last", 1)])

@@ -1,0 +1,491 @@
+"""A whole ``engine.save_checkpoint``: fast_aio vs DeepSpeed's default + ``os.sync()`` vs the raw O_DIRECT ceiling.
+
+One process, CPU, ZeRO-1, an fp32 model of N x Linear(width, width) (``--width``)
+trained one step with AdamW, so each save writes the model, the fp32 master
+partition and both Adam moments (about 16 bytes per parameter; ``--size``
+picks the layer count so a save writes about that much). Methods, run once per
+round in an order that rotates every round (``ds_fastckpt.cli.measure``):
+
+- ``fast_aio``: the fast_aio engine, synchronous, default options but
+  ``keep_last: 2``; every timed save commits and rotates (deletes the oldest).
+- ``fast_aio, background_delete``: the same with ``"background_delete": true``:
+  the rotated checkpoint is renamed away and save_dir fsynced before the save
+  returns, its files unlinked on the ``ds_fastckpt-remover`` thread; the time
+  that removal ran on is waited for untimed and printed on its own.
+- ``default + os.sync()``: DeepSpeed's own checkpoint engine, then ``os.sync()``
+  (as durable), then ``shutil.rmtree`` of the checkpoint before the previous
+  one (keeps 2, like fast_aio).
+- ``raw O_DIRECT``: the op's ``write_aligned`` of as many bytes as a fast_aio
+  save writes, from one aligned buffer (the ceiling of ``ds-fastckpt bench``),
+  same block size and queue depth, fsynced; the file is deleted untimed.
+- ``fast_aio async`` (``--async``): ``"async": true``; timed from
+  ``save_checkpoint`` until ``ds_fastckpt.wait(engine)`` has committed and
+  the rotated checkpoint is removed; the time ``save_checkpoint`` took to
+  return is printed beside it.
+
+GB/s are bytes on disk per save (summed over the tag directory's files) over
+the median seconds. ``--raw-unlink`` adds the raw write plus the unlink of the
+file written the round before: the ceiling of a save that also deletes an old
+checkpoint (on a filesystem mounted with ``discard``, unlinking waits for the
+disk to discard the freed blocks). ``--profile [N]`` then runs N (default 1)
+more fast_aio saves with every phase timed (DeepSpeed's own state-dict
+building, laying out, writing, close and fsync, commit, rotation, fd audit)
+under cProfile, and measures the CRC-32C and the staging memcpy of the same
+byte count on their own.
+
+    python benchmarks/bench_save.py --dir /path/on/the/disk --rounds 3 [--size 256MiB] [--async] [--raw-unlink]
+        [--profile [N]]
+"""
+
+import argparse
+import contextlib
+import cProfile
+import ctypes
+import functools
+import io
+import os
+import pstats
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+import ds_fastckpt  # the import registers the fast_aio engine with DeepSpeed
+from ds_fastckpt.cli.arguments import integer_at_least
+from ds_fastckpt.cli.bench import parse_size
+from ds_fastckpt.cli.measure import format_ratio, interleaved, medians, ratios, timed
+from ds_fastckpt.native.op import DIRECT_ALIGNMENT, load_op
+
+FAST = "fast_aio"
+DEFAULT = "default + os.sync()"
+RAW = "raw O_DIRECT"
+RAW_UNLINK = "raw O_DIRECT + unlink"
+ASYNC = "fast_aio async"
+BACKGROUND = "fast_aio, background_delete"
+BYTES_PER_PARAMETER = 16  # fp32 weight + fp32 master partition + Adam exp_avg + exp_avg_sq
+KEEP = 2
+WARM_UP_SAVES = KEEP  # so that every timed save rotates
+MISSING = object()
+
+
+def world_of_one() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+
+
+def make_engine(layers: int, width: int, checkpoint: dict):
+    """A ZeRO-1 engine on CPU whose Adam state exists (one step taken)."""
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+        "zero_optimization": {"stage": 1},
+        "zero_allow_untested_optimizer": True,
+        "checkpoint": checkpoint,
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    loss = engine(torch.randn(4, width)).pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+    return engine
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)
+
+
+class Saver:
+    """One engine saving into its own save_dir with increasing tags; keeps the bytes of each save."""
+
+    def __init__(self, engine, save_dir: Path):
+        self.engine = engine
+        self.save_dir = save_dir
+        self.tags: List[str] = []
+        self.bytes: List[int] = []
+        self.returned: List[float] = []  # async: seconds until save_checkpoint returned
+        self.removals: List[float] = []  # background_delete: seconds the rotated checkpoint's removal ran on after
+
+    def _next_tag(self) -> str:
+        self.tags.append(f"step{len(self.tags):04d}")
+        return self.tags[-1]
+
+    def fast(self, _round_index: int = 0) -> float:
+        tag = self._next_tag()
+        seconds = timed(lambda: self.engine.save_checkpoint(str(self.save_dir), tag=tag))
+        self.bytes.append(tree_bytes(self.save_dir / tag))
+        return seconds
+
+    def fast_background_delete(self, _round_index: int = 0) -> float:
+        """The save as the training thread sees it; the removal it left running is waited for untimed, so that it
+        does not slow the next method down, and reported on its own."""
+        seconds = self.fast()
+        self.removals.append(timed(self.engine.checkpoint_engine._rotation.finish_removals))
+        return seconds
+
+    def default(self, _round_index: int = 0) -> float:
+        tag = self._next_tag()
+
+        def save():
+            self.engine.save_checkpoint(str(self.save_dir), tag=tag)
+            os.sync()
+            if len(self.tags) > KEEP:
+                shutil.rmtree(self.save_dir / self.tags[-KEEP - 1])
+
+        seconds = timed(save)
+        self.bytes.append(tree_bytes(self.save_dir / tag))
+        return seconds
+
+    def fast_async(self, _round_index: int = 0) -> float:
+        tag = self._next_tag()
+        start = time.perf_counter()
+        self.engine.save_checkpoint(str(self.save_dir), tag=tag)
+        returned = time.perf_counter()
+        ds_fastckpt.wait(self.engine)
+        # The rotated checkpoint is removed on the background writer after the commit; wait for it too, so the
+        # removal is inside this save's time and does not slow the next method down. No public call waits for it.
+        rotation = getattr(self.engine.checkpoint_engine, "_rotation", None)
+        if rotation is not None:
+            rotation.finish_removals()
+        end = time.perf_counter()
+        self.returned.append(returned - start)
+        self.bytes.append(tree_bytes(self.save_dir / tag))
+        return end - start
+
+
+def raw_writer(directory: Path, nbytes: int, tuning: Dict[str, int]):
+    """The ceiling of ``ds-fastckpt bench``: the op's O_DIRECT write of one aligned buffer, fsynced."""
+    op = load_op()
+    size = -(-nbytes // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+    buffer = torch.ones(size + DIRECT_ALIGNMENT, dtype=torch.uint8)
+    target = directory / "raw.bin"
+
+    def write(_round_index: int = 0) -> float:
+        seconds = timed(lambda: op.write_aligned(str(target), buffer, size, tuning["block_size"],
+                                                 tuning["queue_depth"], True))
+        target.unlink()  # not timed
+        return seconds
+
+    written: List[Path] = []
+
+    def write_and_unlink(_round_index: int = 0) -> float:
+        """Writes a new file and deletes the one before (if any), as a rotation deletes an old checkpoint."""
+        written.append(directory / f"raw_unlink.{len(written)}")
+
+        def both():
+            op.write_aligned(str(written[-1]), buffer, size, tuning["block_size"], tuning["queue_depth"], True)
+            if len(written) > 1:
+                written[-2].unlink()
+
+        return timed(both)
+
+    return write, write_and_unlink, buffer, size
+
+
+class Phases:
+    """Wall seconds and calls of named functions, timed by wrapping them in place until ``restore``.
+
+    Only the outermost call of a label counts, so recursion is not counted twice.
+    """
+
+    def __init__(self):
+        self.seconds: Dict[str, float] = {}
+        self.calls: Dict[str, int] = {}
+        self.missing: List[str] = []
+        self._depth: Dict[str, int] = {}
+        self._patches = []
+
+    def wrap(self, owner, attr: str, label: str) -> None:
+        function = getattr(owner, attr, None)
+        if function is None:
+            self.missing.append(f"{getattr(owner, '__name__', owner)}.{attr}")
+            return
+        self.seconds.setdefault(label, 0.0)
+        self.calls.setdefault(label, 0)
+
+        @functools.wraps(function)
+        def timed_call(*args, **kwargs):
+            depth = self._depth.get(label, 0)
+            self._depth[label] = depth + 1
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._depth[label] = depth
+                if depth == 0:
+                    self.seconds[label] += time.perf_counter() - start
+                    self.calls[label] += 1
+
+        self._patches.append((owner, attr, vars(owner).get(attr, MISSING)))
+        setattr(owner, attr, timed_call)
+
+    def restore(self) -> None:
+        for owner, attr, original in reversed(self._patches):
+            if original is MISSING:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
+        self._patches.clear()
+
+
+# (label, depth in the table, what is in it)
+_ROWS = [
+    ("ds", 1, "DeepSpeed outside the engine (total - engine calls)"),
+    ("ds.module", 2, "module_state_dict"),
+    ("ds.optimizer", 2, "optimizer.state_dict"),
+    ("ds.tag", 2, "tag validation (collective)"),
+    ("ds.barrier", 2, "dist.barrier"),
+    ("ds.scripts", 2, "copy recovery scripts"),
+    ("create", 1, "engine.create (lock, scan, space, pending dir)"),
+    ("create.space", 2, "ensure_space"),
+    ("makedirs", 1, "engine.makedirs"),
+    ("save", 1, "engine.save (both files)"),
+    ("lay_out", 2, "lay_out (torch.save under skip_data)"),
+    ("lay_out.order", 3, "storages_in_save_order (pickling pass)"),
+    ("open", 2, "AioFileWriter open (open, io_setup)"),
+    ("write_to", 2, "Layout.write_to"),
+    ("write", 3, "AioFileWriter.write (memcpy to staging, waits for disk)"),
+    ("close", 2, "AioFileWriter.close (tail, drain, ftruncate, fsync)"),
+    ("commit", 1, "engine.commit"),
+    ("commit.wait", 2, "wait_for + gather of records"),
+    ("publish", 2, "publish (manifest, rename, latest)"),
+    ("publish.scan", 3, "scan save_dir for the sequence"),
+    ("publish.sync", 3, "fsync pending dirs"),
+    ("publish.manifest", 3, "write manifest (atomic)"),
+    ("publish.rename", 3, "rename into place + fsync save_dir"),
+    ("publish.latest", 3, "write latest (atomic)"),
+    ("rotate", 2, "rotation"),
+    ("rotate.retire", 3, "retire (checks + rename to trash)"),
+    ("rotate.fsync", 3, "fsync save_dir"),
+    ("rotate.remove", 3, "remove_retired (rmtree: unlink ~1 checkpoint)"),
+    ("audit", 2, "fd audit (/proc/self/fd)"),
+]
+
+
+def instrument(phases: Phases, engine) -> None:
+    import deepspeed.comm
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from ds_fastckpt.decisions import rotation
+    from ds_fastckpt.engine import checkpoint_engine, commit, rank_group
+    from ds_fastckpt.native import layout_save, writer
+
+    engine_class = checkpoint_engine.FastAioCheckpointEngine
+    for owner, attr, label in [
+        (DeepSpeedEngine, "module_state_dict", "ds.module"),
+        (type(engine.optimizer), "state_dict", "ds.optimizer"),
+        (DeepSpeedEngine, "_checkpoint_tag_validation", "ds.tag"),
+        (deepspeed.comm, "barrier", "ds.barrier"),
+        (DeepSpeedEngine, "_copy_recovery_script", "ds.scripts"),
+        (engine_class, "create", "create"),
+        (checkpoint_engine, "ensure_space", "create.space"),
+        (engine_class, "makedirs", "makedirs"),
+        (engine_class, "save", "save"),
+        (layout_save, "lay_out", "lay_out"),
+        (layout_save, "storages_in_save_order", "lay_out.order"),
+        (writer.AioFileWriter, "__init__", "open"),
+        (layout_save.Layout, "write_to", "write_to"),
+        (writer.AioFileWriter, "write", "write"),
+        (writer.AioFileWriter, "close", "close"),
+        (engine_class, "commit", "commit"),
+        (checkpoint_engine, "wait_for", "commit.wait"),
+        (rank_group.RankGroup, "gather", "commit.wait"),
+        (checkpoint_engine, "publish", "publish"),
+        (commit, "scan", "publish.scan"),
+        (commit, "_sync_tree", "publish.sync"),
+        (commit, "write_manifest", "publish.manifest"),
+        (commit, "publish_dir", "publish.rename"),
+        (commit, "_write_latest", "publish.latest"),
+        (engine_class, "rotate", "rotate"),
+        (rotation, "retire", "rotate.retire"),
+        (rotation, "fsync_dir", "rotate.fsync"),
+        (rotation, "remove_retired", "rotate.remove"),
+        (engine_class, "_audit_fds", "audit"),
+    ]:
+        phases.wrap(owner, attr, label)
+
+
+def profile_saves(saver: Saver, count: int, buffer: torch.Tensor, nbytes: int, raw_seconds: float) -> None:
+    """``count`` more fast_aio saves, every phase timed, under cProfile; then CRC-32C and memcpy of nbytes alone."""
+    phases = Phases()
+    instrument(phases, saver.engine)
+    profiler = cProfile.Profile()
+    per_save: List[Dict[str, float]] = []
+    try:
+        for _ in range(count):
+            for label in phases.seconds:
+                phases.seconds[label] = 0.0
+            profiler.enable()
+            total = saver.fast()
+            profiler.disable()
+            seconds = dict(phases.seconds, total=total)
+            seconds["ds"] = total - sum(seconds.get(label, 0.0) for label in ("create", "makedirs", "save", "commit"))
+            per_save.append(seconds)
+    finally:
+        phases.restore()
+    written = statistics.median(saver.bytes[-count:])
+    mean = {label: statistics.fmean(save[label] for save in per_save) for label in per_save[0]}
+    peak = {label: max(save[label] for save in per_save) for label in per_save[0]}
+    total = mean["total"]
+    totals = ", ".join(f"{save['total']:.3f}" for save in per_save)
+    print(f"\n--profile: {count} more fast_aio save(s) of {written / 1e9:.3f} GB with every phase timed (cProfile "
+          f"on): {totals} s ({written / total / 1e9:.2f} GB/s mean)")
+    print(f"  {'phase':<62}{'mean s':>8}{'share':>8}{'s/GB':>8}{'max s':>8}{'calls':>7}")
+    print(f"  {'save_checkpoint':<62}{total:8.3f}{100:7.0f}%{total / written * 1e9:8.3f}{peak['total']:8.3f}")
+    for label, depth, text in _ROWS:
+        if label not in mean:
+            continue
+        calls = phases.calls.get(label)
+        calls = "" if calls is None else f"{calls / count:g}"
+        name = "  " * depth + text
+        print(f"  {name:<62}{mean[label]:8.3f}{mean[label] / total * 100:7.1f}%"
+              f"{mean[label] / written * 1e9:8.3f}{peak[label]:8.3f}{calls:>7}")
+    data_path = mean["write_to"] + mean["close"]
+    print(f"  data path (write_to + close) {data_path:.3f} s vs raw O_DIRECT median {raw_seconds:.3f} s for the "
+          f"same bytes: {data_path - raw_seconds:+.3f} s")
+    if phases.missing:
+        print(f"  not found, not timed: {', '.join(phases.missing)}")
+
+    # What the op does besides the disk write, each alone on this thread for the same byte count: during write()
+    # the caller's thread copies into the staging halves (memcpy) and the op's I/O thread computes CRC-32C.
+    op = load_op()
+    data = buffer[:nbytes].numpy()
+    crc_seconds = statistics.median(timed(lambda: op.crc32c(data)) for _ in range(3))
+    staging = torch.empty(16 << 20, dtype=torch.uint8)
+    source, target, step = buffer.data_ptr(), staging.data_ptr(), staging.numel()
+
+    def memcpy():
+        for offset in range(0, nbytes, step):
+            ctypes.memmove(target, source + offset, min(step, nbytes - offset))
+
+    copy_seconds = statistics.median(timed(memcpy) for _ in range(3))
+    print(f"  alone, {nbytes / 1e9:.3f} GB: CRC-32C (op.crc32c) {crc_seconds:.3f} s "
+          f"({nbytes / crc_seconds / 1e9:.1f} GB/s); memcpy into a 16 MiB half {copy_seconds:.3f} s "
+          f"({nbytes / copy_seconds / 1e9:.1f} GB/s)")
+
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
+    lines = [line for line in text.getvalue().splitlines() if line.strip()]
+    start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls")), 0)
+    print(f"\n  cProfile of the {count} save(s), top 12 by own time (main thread only; the op's I/O thread is "
+          "not seen):")
+    for line in lines[start:]:
+        print("  " + line)
+
+
+def layers_for(size: int, width: int) -> int:
+    return max(1, round(size / BYTES_PER_PARAMETER / (width * width + width)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="directory on the disk to save to (default: a new temp dir under the current one)")
+    parser.add_argument("--size", type=parse_size, default=1 << 30,
+                        help="bytes written per save, about (default 1GiB); e.g. 256MiB for a quick run")
+    parser.add_argument("--width", type=integer_at_least(8), default=2048, help="Linear width (default 2048)")
+    parser.add_argument("--rounds", type=integer_at_least(1), default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--async", dest="async_save", action="store_true",
+                        help="also measure the fast_aio engine with \"async\": true")
+    parser.add_argument("--raw-unlink", action="store_true",
+                        help=f"also measure '{RAW_UNLINK}': the raw write plus the unlink of the file of the round "
+                             "before (the ceiling of a save that also deletes an old checkpoint)")
+    parser.add_argument("--profile", type=integer_at_least(1), nargs="?", const=1, default=0, metavar="SAVES",
+                        help="then time the phases of SAVES (default 1) more fast_aio saves")
+    args = parser.parse_args()
+
+    world_of_one()
+    created = None
+    if args.dir is not None and not args.dir.exists():
+        created = args.dir
+        args.dir.mkdir(parents=True)
+    layers = layers_for(args.size, args.width)
+    with tempfile.TemporaryDirectory(dir=args.dir or Path.cwd(), prefix="bench_save_") as scratch:
+        root = Path(scratch)
+        fast_options = {"keep_last": KEEP}
+        savers = {
+            FAST: Saver(make_engine(layers, args.width, {"engine": "fast_aio", "fast_aio": fast_options}),
+                        root / "fast_aio"),
+            DEFAULT: Saver(make_engine(layers, args.width, {}), root / "default"),
+        }
+        savers[BACKGROUND] = Saver(make_engine(layers, args.width, {
+            "engine": "fast_aio", "fast_aio": {**fast_options, "background_delete": True}}), root / "background")
+        if args.async_save:
+            savers[ASYNC] = Saver(make_engine(layers, args.width, {"engine": "fast_aio",
+                                                                   "fast_aio": {**fast_options, "async": True}}),
+                                  root / "async")
+        calls = {FAST: savers[FAST].fast, BACKGROUND: savers[BACKGROUND].fast_background_delete,
+                 DEFAULT: savers[DEFAULT].default}
+        if args.async_save:
+            calls[ASYNC] = savers[ASYNC].fast_async
+        for name, call in calls.items():  # untimed: the first saves pay for first touches and fill keep_last
+            for _ in range(WARM_UP_SAVES):
+                call()
+        nbytes = savers[FAST].bytes[-1]
+        tuning = savers[FAST].engine.checkpoint_engine.tuning
+        raw, raw_unlink, buffer, raw_bytes = raw_writer(root, nbytes, tuning)
+        raw()
+        if args.raw_unlink:
+            raw_unlink()  # untimed: the first file, which the first timed call deletes
+        methods = {RAW: raw, **({RAW_UNLINK: raw_unlink} if args.raw_unlink else {}), **calls}
+        print(f"{layers} x Linear({args.width}, {args.width}) fp32 + AdamW, ZeRO-1, 1 process on CPU; "
+              f"{nbytes / 1e9:.3f} GB per fast_aio save; block_size {tuning['block_size'] >> 10} KiB, "
+              f"queue_depth {tuning['queue_depth']}; {root}", flush=True)
+
+        def written(name: str) -> int:
+            return raw_bytes if name in (RAW, RAW_UNLINK) else statistics.median(savers[name].bytes[WARM_UP_SAVES:])
+
+        def progress(round_index: int, samples: Dict[str, List[float]]) -> None:
+            print(f"round {round_index + 1}/{args.rounds}: " +
+                  ", ".join(f"{name} {values[-1]:.2f} s" for name, values in samples.items()), flush=True)
+
+        samples = interleaved(methods, args.rounds, progress)
+        median = medians(samples)
+        gbps = {name: written(name) / seconds / 1e9 for name, seconds in median.items()}
+        vs_raw, vs_default = ratios(gbps, RAW), ratios(gbps, DEFAULT)
+
+        print(f"\nmedian of {args.rounds} interleaved rounds, durable saves, keep_last {KEEP} (rotation timed)")
+        width = max(len(name) for name in methods) + 2
+        print(f"{'method':<{width}}{'median s':>10}{'GB/save':>9}{'GB/s':>7}{'vs raw':>8}{'vs default':>12}")
+        for name in methods:
+            print(f"{name:<{width}}{median[name]:10.3f}{written(name) / 1e9:9.3f}{gbps[name]:7.2f}"
+                  f"{format_ratio(vs_raw[name]):>8}{format_ratio(vs_default[name]):>12}")
+        if args.async_save:
+            returned = statistics.median(savers[ASYNC].returned[WARM_UP_SAVES:])
+            print(f"{ASYNC}: save_checkpoint returned in {returned:.3f} s (median); committed and rotated "
+                  f"{median[ASYNC] - returned:.3f} s later")
+        removal = statistics.median(savers[BACKGROUND].removals[WARM_UP_SAVES:])
+        print(f"{BACKGROUND}: the rotated checkpoint's removal ran on {removal:.3f} s (median) after the save "
+              "returned, on the ds_fastckpt-remover thread")
+        for name in (FAST, BACKGROUND):
+            print(f"bars, {name}: / raw ceiling {vs_raw[name]:.2f} (bar >= 0.80, goal 0.95): "
+                  f"{'met' if vs_raw[name] >= 0.8 else 'NOT met'}; / {DEFAULT} {format_ratio(vs_default[name])} "
+                  f"(bar >= 1.50x): {'met' if vs_default[name] >= 1.5 else 'NOT met'}")
+        if args.raw_unlink:
+            print(f"{FAST} / {RAW_UNLINK}: {gbps[FAST] / gbps[RAW_UNLINK]:.2f} (the same work as a rotating save: "
+                  "write the bytes, delete as many)")
+
+        if args.profile:
+            profile_saves(savers[FAST], args.profile, buffer, nbytes, median[RAW] * nbytes / raw_bytes)
+        del buffer
+        for saver in savers.values():
+            saver.engine.destroy()
+    if created is not None:
+        with contextlib.suppress(OSError):
+            created.rmdir()  # only if empty: nothing of anyone else's is removed
+
+
+if __name__ == "__main__":
+    main()
