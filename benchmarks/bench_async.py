@@ -17,7 +17,6 @@ other core to the writer, as a GPU host leaves its CPUs to it.
 import argparse
 import importlib
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -26,15 +25,7 @@ import torch
 
 from ds_fastckpt.cli.measure import format_ratio, interleaved, medians
 from ds_fastckpt.format.records import complete_checkpoints, scan
-
-
-def world_of_one() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
-                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
+from single_process import world_of_one  # benchmarks/single_process.py: scripts import their siblings
 
 
 def make_engine(width: int, async_save: bool):

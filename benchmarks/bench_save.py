@@ -46,7 +46,6 @@ import io
 import os
 import pstats
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -60,6 +59,7 @@ from ds_fastckpt.cli.arguments import integer_at_least
 from ds_fastckpt.cli.bench import parse_size
 from ds_fastckpt.cli.measure import format_ratio, interleaved, medians, ratios, timed
 from ds_fastckpt.native.op import DIRECT_ALIGNMENT, load_op
+from single_process import world_of_one  # benchmarks/single_process.py: scripts import their siblings
 
 FAST = "fast_aio"
 DEFAULT = "default + os.sync()"
@@ -71,15 +71,6 @@ BYTES_PER_PARAMETER = 16  # fp32 weight + fp32 master partition + Adam exp_avg +
 KEEP = 2
 WARM_UP_SAVES = KEEP  # so that every timed save rotates
 MISSING = object()
-
-
-def world_of_one() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
-                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
 
 
 def make_engine(layers: int, width: int, checkpoint: dict):
