@@ -7,11 +7,17 @@ picks the layer count so a save writes about that much). Methods, run once per
 round in an order that rotates every round (``ds_fastckpt.cli.measure``):
 
 - ``fast_aio``: the fast_aio engine, synchronous, default options but
-  ``keep_last: 2``; every timed save commits and rotates (deletes the oldest).
-- ``fast_aio, background_delete``: the same with ``"background_delete": true``:
-  the rotated checkpoint is renamed away and save_dir fsynced before the save
-  returns, its files unlinked on the ``ds_fastckpt-remover`` thread; the time
-  that removal ran on is waited for untimed and printed on its own.
+  ``keep_last: 2``; every timed save commits and rotates: the oldest
+  checkpoint becomes the spare whose files the next save writes over
+  (``recycle_retired``), and the spare before it is removed.
+- ``fast_aio, recycle_retired off``: the same with ``"recycle_retired":
+  false``: every rotation unlinks the oldest checkpoint before the save
+  returns, and every save allocates new blocks.
+- ``fast_aio, background_delete``: ``"recycle_retired": false,
+  "background_delete": true``: the rotated checkpoint is renamed away and
+  save_dir fsynced before the save returns, its files unlinked on the
+  ``ds_fastckpt-remover`` thread; the time that removal ran on is waited for
+  untimed and printed on its own.
 - ``default + os.sync()``: DeepSpeed's own checkpoint engine, then ``os.sync()``
   (as durable), then ``shutil.rmtree`` of the checkpoint before the previous
   one (keeps 2, like fast_aio).
@@ -67,9 +73,10 @@ RAW = "raw O_DIRECT"
 RAW_UNLINK = "raw O_DIRECT + unlink"
 ASYNC = "fast_aio async"
 BACKGROUND = "fast_aio, background_delete"
+NO_RECYCLE = "fast_aio, recycle_retired off"
 BYTES_PER_PARAMETER = 16  # fp32 weight + fp32 master partition + Adam exp_avg + exp_avg_sq
 KEEP = 2
-WARM_UP_SAVES = KEEP  # so that every timed save rotates
+WARM_UP_SAVES = KEEP + 1  # so that every timed save rotates and, recycling, writes over a spare
 MISSING = object()
 
 
@@ -411,13 +418,17 @@ def main():
                         root / "fast_aio"),
             DEFAULT: Saver(make_engine(layers, args.width, {}), root / "default"),
         }
+        savers[NO_RECYCLE] = Saver(make_engine(layers, args.width, {
+            "engine": "fast_aio", "fast_aio": {**fast_options, "recycle_retired": False}}), root / "no_recycle")
         savers[BACKGROUND] = Saver(make_engine(layers, args.width, {
-            "engine": "fast_aio", "fast_aio": {**fast_options, "background_delete": True}}), root / "background")
+            "engine": "fast_aio", "fast_aio": {**fast_options, "recycle_retired": False, "background_delete": True}}),
+            root / "background")
         if args.async_save:
             savers[ASYNC] = Saver(make_engine(layers, args.width, {"engine": "fast_aio",
                                                                    "fast_aio": {**fast_options, "async": True}}),
                                   root / "async")
-        calls = {FAST: savers[FAST].fast, BACKGROUND: savers[BACKGROUND].fast_background_delete,
+        calls = {FAST: savers[FAST].fast, NO_RECYCLE: savers[NO_RECYCLE].fast,
+                 BACKGROUND: savers[BACKGROUND].fast_background_delete,
                  DEFAULT: savers[DEFAULT].default}
         if args.async_save:
             calls[ASYNC] = savers[ASYNC].fast_async
@@ -460,13 +471,13 @@ def main():
         removal = statistics.median(savers[BACKGROUND].removals[WARM_UP_SAVES:])
         print(f"{BACKGROUND}: the rotated checkpoint's removal ran on {removal:.3f} s (median) after the save "
               "returned, on the ds_fastckpt-remover thread")
-        for name in (FAST, BACKGROUND):
+        for name in (FAST, NO_RECYCLE, BACKGROUND):
             print(f"bars, {name}: / raw ceiling {vs_raw[name]:.2f} (bar >= 0.80, goal 0.95): "
                   f"{'met' if vs_raw[name] >= 0.8 else 'NOT met'}; / {DEFAULT} {format_ratio(vs_default[name])} "
                   f"(bar >= 1.50x): {'met' if vs_default[name] >= 1.5 else 'NOT met'}")
         if args.raw_unlink:
-            print(f"{FAST} / {RAW_UNLINK}: {gbps[FAST] / gbps[RAW_UNLINK]:.2f} (the same work as a rotating save: "
-                  "write the bytes, delete as many)")
+            print(f"{NO_RECYCLE} / {RAW_UNLINK}: {gbps[NO_RECYCLE] / gbps[RAW_UNLINK]:.2f} (the same work as a "
+                  "rotating save: write the bytes, delete as many)")
 
         if args.profile:
             profile_saves(savers[FAST], args.profile, buffer, nbytes, median[RAW] * nbytes / raw_bytes)

@@ -18,6 +18,7 @@ namespace ds_fastckpt {
 namespace {
 
 constexpr int kCreateFlags = O_WRONLY | O_CREAT | O_TRUNC;
+constexpr int kOverwriteFlags = O_WRONLY | O_CREAT;
 constexpr mode_t kCreateMode = 0666;  // narrowed by the umask, like open() in Python
 
 void check_options(const WriterOptions& options, const std::string& path) {
@@ -76,7 +77,7 @@ void finish_file(UniqueFd& fd, const std::string& path, std::uint64_t exact_size
 }  // namespace
 
 AioWriter::AioWriter(std::string path, std::uint8_t* staging, std::size_t half_bytes,
-                     WriterOptions options)
+                     WriterOptions options, ExistingFile existing)
     : path_(std::move(path)), options_(options), halves_{staging, nullptr}, half_bytes_(half_bytes) {
   check_options(options_, path_);
   const auto address = reinterpret_cast<std::uintptr_t>(staging);
@@ -93,9 +94,15 @@ AioWriter::AioWriter(std::string path, std::uint8_t* staging, std::size_t half_b
                                " bytes overflow the address space)", path_);
   }
   halves_[1] = staging + half_bytes_;
-  OpenedFile file = open_direct_or_buffered(path_, kCreateFlags, kCreateMode);
+  const bool overwrite = existing == ExistingFile::kOverwrite;
+  OpenedFile file = open_direct_or_buffered(path_, overwrite ? kOverwriteFlags : kCreateFlags, kCreateMode);
   fd_ = std::move(file.fd);
   direct_ = file.direct;
+  if (overwrite) {  // the file's size is already reserved; close() truncates to what was written
+    struct stat st;
+    check_syscall("fstat", path_, [&] { return ::fstat(fd_.get(), &st); });
+    reserved_ = static_cast<std::uint64_t>(st.st_size);
+  }
   queue_ = std::make_unique<AioQueue>(fd_.get(), path_, options_.queue_depth);
 }
 

@@ -18,6 +18,12 @@ struct WriterOptions {
   bool fsync;                // fsync before close
 };
 
+// What opening does to a file already at the path.
+enum class ExistingFile {
+  kTruncate,   // O_TRUNC: its blocks are freed and the file is written anew
+  kOverwrite,  // its blocks are kept and written over in place; close() cuts what is left past the end
+};
+
 // Writes one file front to back. Call order: write()* then close(), or abort().
 //
 // The caller lends `staging`: two halves of `half_bytes` each, aligned to
@@ -29,9 +35,15 @@ struct WriterOptions {
 //
 // One call at a time: a writer is not thread-safe (the Python binding refuses
 // a second concurrent call). Every size is checked without overflow.
+//
+// kOverwrite exists for recycling a retired checkpoint's file: an O_DIRECT
+// write over allocated blocks needs no allocation, and the blocks are never
+// freed, which on a filesystem mounted with `discard` costs about as much as
+// writing them.
 class AioWriter {
  public:
-  AioWriter(std::string path, std::uint8_t* staging, std::size_t half_bytes, WriterOptions options);
+  AioWriter(std::string path, std::uint8_t* staging, std::size_t half_bytes, WriterOptions options,
+            ExistingFile existing = ExistingFile::kTruncate);
   ~AioWriter();
 
   AioWriter(const AioWriter&) = delete;

@@ -100,7 +100,7 @@ class PyAioWriter {
   static constexpr const char* kName = "AioWriter";
 
   PyAioWriter(const std::string& path, torch::Tensor staging, std::size_t half_bytes,
-              std::size_t block_size, unsigned queue_depth, bool fsync)
+              std::size_t block_size, unsigned queue_depth, bool fsync, bool overwrite)
       : staging_(std::move(staging)) {
     std::size_t both_halves;
     if (__builtin_mul_overflow(half_bytes, std::size_t{2}, &both_halves)) {
@@ -109,8 +109,8 @@ class PyAioWriter {
     }
     std::uint8_t* base = aligned_bytes(staging_, both_halves, "staging buffer");
     py::gil_scoped_release release;
-    writer_ = std::make_unique<AioWriter>(path, base, half_bytes,
-                                          WriterOptions{block_size, queue_depth, fsync});
+    writer_ = std::make_unique<AioWriter>(path, base, half_bytes, WriterOptions{block_size, queue_depth, fsync},
+                                          overwrite ? ExistingFile::kOverwrite : ExistingFile::kTruncate);
   }
 
   void write(const py::buffer& data) {
@@ -271,9 +271,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
 
   py::class_<PyAioWriter>(m, "AioWriter")
-      .def(py::init<const std::string&, torch::Tensor, std::size_t, std::size_t, unsigned, bool>(),
+      .def(py::init<const std::string&, torch::Tensor, std::size_t, std::size_t, unsigned, bool, bool>(),
            py::arg("path"), py::arg("staging"), py::arg("half_bytes"), py::arg("block_size"),
-           py::arg("queue_depth"), py::arg("fsync"))
+           py::arg("queue_depth"), py::arg("fsync"), py::arg("overwrite") = false)
       .def(
           "write", [](py::handle self, const py::buffer& data) { as_writer(self).write(data); },
           py::arg("data"))

@@ -12,9 +12,9 @@ from ds_fastckpt.decisions.fd_audit import FdLeakError
 from ds_fastckpt.engine import registration
 from ds_fastckpt.engine.background import BackgroundWriterError
 from ds_fastckpt.engine.checkpoint_engine import FastAioCheckpointEngine
+from ds_fastckpt.engine.config import ConfigError, FastAioConfig
 from ds_fastckpt.engine.in_flight import wait, wait_all
 from ds_fastckpt.engine.rank_group import CommitError
-from ds_fastckpt.engine.config import ConfigError, FastAioConfig
 from ds_fastckpt.format.integrity import CheckpointIntegrityError
 from ds_fastckpt.format.manifest import ManifestError
 from ds_fastckpt.format.safe_load import UnsafeCheckpointError

@@ -148,7 +148,8 @@ def _state(record: CheckpointRecord) -> str:
         return "complete"
     if record.damaged:
         return "damaged"
-    return "interrupted save" if record.leftover == "pending" else "being deleted"
+    return {"pending": "interrupted save", "spare": "spare (the next save writes over it)"}.get(record.leftover,
+                                                                                               "being deleted")
 
 
 def _ls(args) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ds_fastckpt import storage
 from ds_fastckpt.format.atomicity import fsync_dir
-from ds_fastckpt.format.names import MANIFEST_NAME, TRASH_SUFFIX, tag_of_internal_name, trash_path
+from ds_fastckpt.format.names import MANIFEST_NAME, TRASH_SUFFIX, spare_path, tag_of_internal_name, trash_path
 from ds_fastckpt.format.records import CheckpointRecord
 
 logger = logging.getLogger(__name__)
@@ -37,8 +37,12 @@ def delete_checkpoint(save_dir, record: CheckpointRecord) -> None:
     remove_retired(trash)
 
 
-def retire(save_dir, record: CheckpointRecord) -> Path:
+def retire(save_dir, record: CheckpointRecord, *, as_spare: bool = False) -> Path:
     """Checks that ``record``'s directory may be deleted and renames it to its trash name; returns that path.
+
+    With ``as_spare`` the name is its spare name instead: the next save
+    writes over its files (``Storage.take_for_overwrite``) and the rotation
+    after that removes what is left.
 
     After this the checkpoint no longer counts as complete. fsync save_dir
     before removing files, so no unlink can reach the disk before the rename
@@ -64,9 +68,9 @@ def retire(save_dir, record: CheckpointRecord) -> Path:
     internal = tag_of_internal_name(name) is not None
     if not internal and backend.entry_kind(target / MANIFEST_NAME) is not storage.EntryKind.FILE:
         raise UnsafeDeletionError(f"refusing to delete {target}: it has no ds_fastckpt manifest")
-    if name.endswith(TRASH_SUFFIX):
+    if name.endswith(TRASH_SUFFIX) and not as_spare:
         return target
-    trash = trash_path(save_dir, record.tag)
+    trash = (spare_path if as_spare else trash_path)(save_dir, record.tag)
     if backend.exists(trash):
         backend.remove_tree(trash)
     backend.rename(target, trash)

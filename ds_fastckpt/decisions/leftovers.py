@@ -12,7 +12,9 @@ from ds_fastckpt.format.records import CheckpointRecord, complete_checkpoints
 def leftovers_to_delete(records: Iterable[CheckpointRecord]) -> List[CheckpointRecord]:
     """The leftover directories among ``records`` that may go, in the order given.
 
-    A trash directory (a deletion that was interrupted) always goes. A
+    A trash directory (a deletion that was interrupted) always goes, and so
+    does a spare (its save has taken what it could; rotation may retire a
+    newer checkpoint into the spare's place). A
     pending directory goes once a checkpoint committed after it was started
     exists: its save can no longer be the one in progress. A pending
     directory whose start is unknown stays. Damaged directories and those
@@ -28,7 +30,7 @@ def leftovers_to_delete(records: Iterable[CheckpointRecord]) -> List[CheckpointR
     for record in records:
         if record.not_ours is not None or record.damaged is not None:
             continue
-        if record.leftover == "trash":
+        if record.leftover in ("trash", "spare"):
             doomed.append(record)
         elif (record.leftover == "pending" and newest is not None and record.after_sequence is not None
               and record.after_sequence < newest):

@@ -11,7 +11,10 @@ a save, and the CLI's ``ls`` and ``prune`` all go through ``Rotation``:
 2. ``apply``: ``choose``, then each chosen directory is retired (checked to
    be ours and renamed to its trash name, ``deleter.retire``), save_dir is
    fsynced once, so no checkpoint counts as complete any more after a crash,
-   and the retired trees are removed inline or through ``submit``.
+   and the retired trees are removed inline or through ``submit``. With
+   ``keep_spare`` the newest checkpoint chosen is retired to its spare name
+   instead and not removed: the next save writes over its files in place,
+   and the rotation after it removes the spare with the leftovers.
 3. While a submitted removal runs, ``scan`` leaves its trash directory out,
    so that no one deletes it twice; ``finish_removals`` waits for all.
 """
@@ -92,7 +95,7 @@ class Rotation:
         return choose(records, self.policy, {*protected, *filter(None, [latest])}, incoming)
 
     def apply(self, save_dir, protected: Iterable[str] = (), incoming: int = 0,
-              submit: Optional[Submit] = None) -> List[CheckpointRecord]:
+              submit: Optional[Submit] = None, keep_spare: bool = False) -> List[CheckpointRecord]:
         """Deletes what ``choose`` chooses; returns those records.
 
         Every chosen directory is retired first and save_dir fsynced once,
@@ -104,6 +107,7 @@ class Rotation:
             protected: tags never to delete (the one just committed).
             incoming: checkpoints about to be written that will count toward the policy.
             submit: runs the removals off this thread (the engine's background writer); None removes here.
+            keep_spare: keep the newest chosen checkpoint as the spare (``recycle_retired``).
 
         Raises:
             UnsafeDeletionError: if a chosen directory is no longer ours, or is a symlink.
@@ -112,17 +116,20 @@ class Rotation:
         save_dir = Path(save_dir)
         self._forget_finished()
         doomed = self.choose(save_dir, protected=protected, incoming=incoming)
-        retired = [retire(save_dir, record) for record in doomed]
+        complete = [record for record in doomed if record.complete]
+        spare = complete[-1] if keep_spare and complete else None
+        retired = [retire(save_dir, record, as_spare=record is spare) for record in doomed]
         if retired:
             fsync_dir(save_dir)  # the renames reach the disk before any unlink can
             save_points.reached("mid_rotation")
-        for trash in retired:
+        for trash in (trash for record, trash in zip(doomed, retired) if record is not spare):
             if submit is None:
                 remove_retired(trash)
             else:
                 self._removals.append((trash, submit(remove_retired, trash)))
         if doomed:
-            logger.info("rotation deleted %s from %s", ", ".join(record.name for record in doomed), save_dir)
+            logger.info("rotation deleted %s from %s%s", ", ".join(record.name for record in doomed), save_dir,
+                        f" (the files of {spare.name} stay as a spare for the next save)" if spare else "")
         return doomed
 
     def make_room(self, save_dir) -> int:

@@ -245,8 +245,9 @@ class FastAioCheckpointEngine(CheckpointEngine):
 
     def _write_file(self, payload, path: Path, save: Optional[SaveInProgress]) -> Optional[FileRecord]:
         """Writes one file durably: a state laid out first (``layout_save``), a snapshot, or serialized bytes."""
+        overwrite = save is not None and self.options.recycle_retired and save.take_spare_file(path)
         with torch_zip_crc32(self.options.torch_crc32), \
-                AioFileWriter(path, staging=self._staging_buffer(), fsync=self.options.fsync,
+                AioFileWriter(path, staging=self._staging_buffer(), fsync=self.options.fsync, overwrite=overwrite,
                               **self.tuning) as writer:
             if isinstance(payload, bytes):
                 writer.write(payload)
@@ -344,10 +345,12 @@ class FastAioCheckpointEngine(CheckpointEngine):
 
         The files of retired checkpoints are removed off the training thread
         in async mode (on the background writer) and with ``background_delete``
-        (on the ``ds_fastckpt-remover`` thread); otherwise here.
+        (on the ``ds_fastckpt-remover`` thread); otherwise here. With
+        ``recycle_retired`` the newest retired one stays as the spare.
         """
         remover = self._background or self._remover
-        return self._rotation.apply(save_dir, protected, submit=None if remover is None else remover.submit)
+        return self._rotation.apply(save_dir, protected, submit=None if remover is None else remover.submit,
+                                    keep_spare=self.options.recycle_retired)
 
     def _on_leader(self, action, failure: str) -> None:
         self._ranks.on_leader(self.is_storage_leader(), action, failure)

@@ -29,7 +29,7 @@ from ds_fastckpt.faults import save_points
 from ds_fastckpt.format.atomicity import atomic_write_bytes, publish_dir, undo_publish
 from ds_fastckpt.format.manifest import FileRecord, Manifest, write_manifest
 from ds_fastckpt.format.names import LATEST_NAME, PENDING_MARKER_NAME
-from ds_fastckpt.format.records import newest_sequence, scan
+from ds_fastckpt.format.records import newest_sequence, scan, spare_dirs
 from ds_fastckpt.format.small_files import UnsafeSmallFileError, read_small_file
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class SaveInProgress:
     pending_writes: list = field(default_factory=list)  # Futures of FileRecord or None, async mode only
     failed: Optional[BaseException] = None  # this rank's first error in this save: it is never committed
     snapshot_bytes: int = 0  # host memory this save's snapshots took, for snapshot_max_bytes
+    spares: Optional[List[Path]] = None  # the spare directories this rank recycles files from, once looked up
 
     @property
     def final(self) -> Path:
@@ -60,6 +61,16 @@ class SaveInProgress:
         except ValueError:
             return None
         return self.pending / relative
+
+    def take_spare_file(self, path: Path) -> bool:
+        """Moves the file of the same name from a spare checkpoint to ``path`` when it may be written over there."""
+        if not path.is_relative_to(self.pending):
+            return False
+        if self.spares is None:
+            self.spares = spare_dirs(self.save_dir)
+        relative = path.relative_to(self.pending)
+        backend = storage.storage_for(path)
+        return any(backend.take_for_overwrite(spare / relative, path) for spare in self.spares)
 
 
 def publish(save: SaveInProgress, files: List[FileRecord], *, fsync: bool,

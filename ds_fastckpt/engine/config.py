@@ -95,6 +95,14 @@ class FastAioConfig(DeepSpeedConfigModel):
     costs about as much as writing on filesystems mounted with ``discard``, is left to the thread. Off by
     default: then the disk space is free when the save returns. Async saves always remove in the background."""
 
+    recycle_retired: StrictBool = True
+    """Keep the newest checkpoint rotation retires as ``.<tag>.ds_fastckpt-spare`` until the next save, which
+    writes its files over that one's blocks in place (same file name, one link, open nowhere else) instead of
+    allocating new blocks and freeing the old ones; the rotation after it removes the spare. A save then costs
+    what writing the bytes costs: freeing 1 GB took 0.9-2.4 s here (``discard`` mount), writing it 0.6 s. The
+    most disk in use during a save is unchanged (``keep_last`` checkpoints plus the one being written); between
+    saves the spare holds one more. Off: the disk space is freed at each rotation."""
+
     async_save: StrictBool = Field(False, alias="async")
     """Write in the background: ``save_checkpoint`` returns at once; the commit happens at the next
     optimizer step (DeepSpeed's decoupled-engine protocol), ``engine.destroy()``, ``ds_fastckpt.wait(engine)``

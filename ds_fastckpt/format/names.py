@@ -4,11 +4,12 @@
 ``<tag>/ds_fastckpt_manifest.json``  its commit record (``manifest``)
 ``.<tag>.ds_fastckpt-tmp/``          a save in progress, with ``PENDING_MARKER_NAME`` inside
 ``.<tag>.ds_fastckpt-trash/``        a checkpoint being deleted
+``.<tag>.ds_fastckpt-spare/``        a retired checkpoint whose files the next save writes over (``recycle_retired``)
 ``.<name>.<hex>.ds_fastckpt-tmp``    a small file being replaced atomically (``atomicity``)
 ``latest``                           DeepSpeed's hint of the newest tag, written atomically
 ``.ds_fastckpt.lock``                the lock of the job saving here (``save_dir_lock``)
 
-The pending and trash names mark a directory as ours, so an interrupted save
+The pending, trash and spare names mark a directory as ours, so an interrupted save
 or deletion can be cleaned up later without touching anything else.
 """
 
@@ -21,6 +22,7 @@ LATEST_NAME = "latest"
 LOCK_NAME = ".ds_fastckpt.lock"
 PENDING_SUFFIX = ".ds_fastckpt-tmp"
 TRASH_SUFFIX = ".ds_fastckpt-trash"
+SPARE_SUFFIX = ".ds_fastckpt-spare"
 
 
 def pending_path(save_dir: Path, tag: str) -> Path:
@@ -31,9 +33,13 @@ def trash_path(save_dir: Path, tag: str) -> Path:
     return save_dir / f".{tag}{TRASH_SUFFIX}"
 
 
+def spare_path(save_dir: Path, tag: str) -> Path:
+    return save_dir / f".{tag}{SPARE_SUFFIX}"
+
+
 def tag_of_internal_name(name: str) -> Optional[str]:
-    """The tag a pending or trash directory name belongs to, or None for any other name."""
-    for suffix in (PENDING_SUFFIX, TRASH_SUFFIX):
+    """The tag a pending, trash or spare directory name belongs to, or None for any other name."""
+    for suffix in (PENDING_SUFFIX, TRASH_SUFFIX, SPARE_SUFFIX):
         if name.startswith(".") and name.endswith(suffix) and len(name) > 1 + len(suffix):
             return name[1:-len(suffix)]
     return None

@@ -5,8 +5,9 @@ looked at. A directory is ours when what it carries names it:
 
 - ``<tag>`` holding our manifest whose tag is ``<tag>``: a complete
   checkpoint (or a damaged one, when the manifest cannot be read);
-- ``.<tag>.ds_fastckpt-tmp`` / ``.<tag>.ds_fastckpt-trash``: the leftover of
-  an interrupted save or deletion, unless a readable pending marker or
+- ``.<tag>.ds_fastckpt-tmp`` / ``.<tag>.ds_fastckpt-trash`` /
+  ``.<tag>.ds_fastckpt-spare``: the leftover of an interrupted save or
+  deletion, or a retired checkpoint kept for recycling, unless a readable pending marker or
   manifest inside names another tag.
 
 ``cp -r ckpts/global_step2 ckpts/best_model`` (or a rename) carries
@@ -23,7 +24,7 @@ from typing import List, Optional
 
 from ds_fastckpt import storage
 from ds_fastckpt.format.manifest import Manifest, ManifestError, pending_marker_of, read_manifest
-from ds_fastckpt.format.names import MANIFEST_NAME, TRASH_SUFFIX, tag_of_internal_name
+from ds_fastckpt.format.names import MANIFEST_NAME, SPARE_SUFFIX, TRASH_SUFFIX, tag_of_internal_name
 from ds_fastckpt.format.small_files import excerpt
 
 
@@ -35,7 +36,8 @@ class CheckpointRecord:
         name: the directory name.
         tag: the checkpoint tag it holds or was to hold (the directory name when ``not_ours``).
         manifest: set for a complete checkpoint.
-        leftover: "pending" or "trash" for the directory of an interrupted save or deletion, else None.
+        leftover: "pending" or "trash" for the directory of an interrupted save or deletion, "spare" for a
+            retired checkpoint kept for the next save to write over; else None.
         after_sequence: for a pending leftover, the newest commit when it was started (None if unknown).
         damaged: the reason a manifest could not be read; such a directory is never deleted.
         not_ours: why a directory carrying our manifest or leftover name is not ours (a copy or a renamed
@@ -76,6 +78,13 @@ def scan(save_dir, include_not_ours: bool = False) -> List[CheckpointRecord]:
     return sorted(records, key=_order)
 
 
+def spare_dirs(save_dir) -> List[Path]:
+    """The spare directories in ``save_dir`` (retired checkpoints kept for recycling), by name alone."""
+    save_dir = Path(save_dir)
+    return [save_dir / name for name in storage.storage_for(save_dir).subdirectories(save_dir)
+            if name.endswith(SPARE_SUFFIX) and tag_of_internal_name(name) is not None]
+
+
 def complete_checkpoints(records: List[CheckpointRecord]) -> List[CheckpointRecord]:
     """Complete checkpoints, oldest commit first."""
     return sorted((record for record in records if record.complete), key=lambda record: record.manifest.sequence)
@@ -111,7 +120,7 @@ def _leftover_record(tag_dir: Path, name: str, tag: str) -> CheckpointRecord:
     deleted, may be missing (a crash between steps, a deletion under way)
     or unreadable: the name alone then says it is ours.
     """
-    leftover = "trash" if name.endswith(TRASH_SUFFIX) else "pending"
+    leftover = "trash" if name.endswith(TRASH_SUFFIX) else "spare" if name.endswith(SPARE_SUFFIX) else "pending"
     found = {}
     for what, read in (("pending marker", pending_marker_of), (MANIFEST_NAME, read_manifest)):
         try:

@@ -83,6 +83,10 @@ class AioFileWriter(io.RawIOBase):
         fsync: fsync before closing, so the file survives a power loss.
         staging: a ``StagingBuffer`` to reuse across writers; by default each
             writer allocates its own.
+        overwrite: write over the blocks of the file already at ``path``
+            instead of truncating it (what is left past the new end is cut at
+            ``close()``): no block allocation, no freeing. Only for a file
+            nothing else holds (see ``Storage.take_for_overwrite``).
 
     Raises:
         ValueError: for a size or depth that is not allowed (a ``NotAllowed`` naming the argument).
@@ -96,7 +100,8 @@ class AioFileWriter(io.RawIOBase):
                  queue_depth: int = DEFAULT_TUNING.queue_depth,
                  block_size: int = DEFAULT_TUNING.block_size,
                  fsync: bool = True,
-                 staging: Optional[StagingBuffer] = None):
+                 staging: Optional[StagingBuffer] = None,
+                 overwrite: bool = False):
         super().__init__()
         self._native = None
         self._busy = threading.Lock()  # held by the one thread inside the op; see _claim
@@ -114,7 +119,7 @@ class AioFileWriter(io.RawIOBase):
         staging.acquire()
         try:
             self._native = load_op().AioWriter(self.name, staging.tensor, staging.io_buffer_size, tuning.block_size,
-                                               tuning.queue_depth, bool(fsync))
+                                               tuning.queue_depth, bool(fsync), bool(overwrite))
         except BaseException:
             staging.release()
             raise

@@ -10,6 +10,8 @@ backend from ``storage_for(path)``):
   ``write_atomic`` (``latest``);
 - a rotation: ``entry_kind`` checks, ``rename`` to the trash name,
   ``sync_dir``, then ``remove_tree``, possibly later on another thread;
+- a save recycling a retired checkpoint: ``take_for_overwrite`` of each of
+  its files, before the writer opens it;
 - a scan: ``subdirectories``, ``exists`` and ``read_small`` of metadata;
 - the lock: ``lock_exclusive`` once, ``FileLock.is_current`` at each save,
   ``FileLock.release`` at the end.
@@ -232,6 +234,21 @@ class Storage(abc.ABC):
             RefusedEntryError: when ``path`` is not a regular file with one link (errno EPERM).
             OSError: when it cannot be opened (ELOOP for a symlink), with errno and path.
         """
+
+    def take_for_overwrite(self, source: PathLike, destination: PathLike) -> bool:
+        """Moves the file ``source`` to ``destination`` to be written over in place, if that is safe; returns whether.
+
+        Safe means: ``source`` is a regular file (not a symlink), has one link,
+        and no process has it open or mapped, so writing over it changes what
+        nobody else can see (a hard link a user made to keep a checkpoint, or a
+        reader still going through one, keeps its bytes). When it is not
+        safe, or cannot be known, nothing changes and the answer is False: the
+        caller writes a new file. This default never recycles.
+
+        Raises:
+            OSError: from the rename, with errno and path; what the checks could not look at is a False.
+        """
+        return False
 
     def exists(self, path: PathLike) -> bool:
         """Whether an entry is at ``path`` (a dangling symlink counts); False when it cannot be looked at."""

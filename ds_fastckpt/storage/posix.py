@@ -107,6 +107,26 @@ class PosixStorage(Storage):
         # shutil.rmtree unlinks symlinks inside instead of following them, and refuses one at `path`.
         shutil.rmtree(path)
 
+    def take_for_overwrite(self, source: PathLike, destination: PathLike) -> bool:
+        # A write lease is granted only while no other descriptor or mapping of the file exists anywhere; it
+        # is released at once, as the file is renamed away from every name another process could open it by.
+        try:
+            fd = os.open(source, _READ_FLAGS)
+        except OSError:
+            return False
+        try:
+            found = os.fstat(fd)
+            if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
+                return False
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        except OSError:  # EAGAIN: open elsewhere; EACCES: not our file; EINVAL: no leases on this filesystem
+            return False
+        finally:
+            os.close(fd)
+        os.rename(source, destination)
+        return True
+
     def entry_kind(self, path: PathLike) -> Optional[EntryKind]:
         try:
             mode = os.lstat(path).st_mode

@@ -3,6 +3,8 @@
 import io
 import os
 import random
+import re
+import subprocess
 
 import pytest
 import torch
@@ -219,3 +221,41 @@ def test_cuda_staging_is_pinned(tmp_path):
     aio_save({"t": tensor}, path, staging=staging)
     assert torch.equal(torch.load(path)["t"], tensor.cpu())
     assert deleted_fds_under(tmp_path) == []
+
+
+def physical_extents(path) -> list:
+    """(logical block, physical block, length) of each extent of ``path``, from FIEMAP (``filefrag -v``)."""
+    found = subprocess.run(["filefrag", "-v", "-b4096", str(path)], check=True, capture_output=True, text=True)
+    rows = re.findall(r"^\s*\d+:\s*(\d+)\.\.\s*\d+:\s*(\d+)\.\.\s*\d+:\s*(\d+):", found.stdout, re.MULTILINE)
+    return [tuple(map(int, row)) for row in rows]
+
+
+@pytest.mark.parametrize("old_size, new_size", [(1 << 20, 1 << 20), (1 << 20, 300_001), (300_001, (1 << 20) + 7)])
+def test_overwrite_writes_over_the_files_blocks_in_place(ext4_dir, old_size, new_size):
+    path = ext4_dir / "recycled.bin"
+    with AioFileWriter(path, **SMALL) as writer:
+        writer.write(random.Random(1).randbytes(old_size))
+    inode, old_extents = os.stat(path).st_ino, physical_extents(path)
+    payload = random.Random(2).randbytes(new_size)
+    with AioFileWriter(path, overwrite=True, **SMALL) as writer:
+        writer.write(payload)
+    assert path.read_bytes() == payload  # exact length: the old tail is cut, a longer file grows
+    assert os.stat(path).st_ino == inode
+    kept_blocks = min(old_size, new_size) // 4096
+    new_extents = physical_extents(path)
+    assert old_extents and new_extents[0][:2] == old_extents[0][:2]  # the first block is where it was
+    assert sum(length for _, _, length in new_extents) >= kept_blocks
+    assert writer.checksum == load_op().crc32c(payload)
+    assert open_fds_under(ext4_dir) == []
+
+
+def test_without_overwrite_an_existing_file_gets_new_blocks(ext4_dir):
+    """The control of the test above: O_TRUNC frees the blocks, and ext4 does not hand them out again at once."""
+    path = ext4_dir / "fresh.bin"
+    with AioFileWriter(path, **SMALL) as writer:
+        writer.write(b"a" * (1 << 20))
+    old_extents = physical_extents(path)
+    with AioFileWriter(path, **SMALL) as writer:
+        writer.write(b"b" * (1 << 20))
+    assert path.read_bytes() == b"b" * (1 << 20)
+    assert physical_extents(path)[0][1] != old_extents[0][1]

@@ -204,3 +204,40 @@ def test_choose_deletes_nothing(save_dir):
     assert [record.name for record in rotation.choose(save_dir, incoming=1)] == [
         "global_step1", "global_step2", "global_step3"]
     assert entries(save_dir) == ["global_step1", "global_step2", "global_step3", "global_step4"]
+
+
+def test_keep_spare_retires_the_newest_chosen_to_its_spare_name_and_removes_the_rest(save_dir, points):
+    (save_dir / "global_step2" / "model.pt").write_bytes(b"blocks to write over")
+    doomed = Rotation(LatestN(2)).apply(save_dir, keep_spare=True)
+    assert [record.name for record in doomed] == ["global_step1", "global_step2"]
+    assert entries(save_dir) == [".global_step2.ds_fastckpt-spare", "global_step3", "global_step4"]
+    assert (save_dir / ".global_step2.ds_fastckpt-spare" / "model.pt").read_bytes() == b"blocks to write over"
+    assert points == ["mid_rotation"]
+    spare = [record for record in scan(save_dir) if record.leftover]
+    assert [(record.name, record.tag, record.leftover, record.complete) for record in spare] == [
+        (".global_step2.ds_fastckpt-spare", "global_step2", "spare", False)]
+
+
+def test_the_next_rotation_removes_the_spare_and_keeps_a_newer_one(save_dir):
+    rotation = Rotation(LatestN(2))
+    rotation.apply(save_dir, keep_spare=True)
+    commit(save_dir, "global_step5", 5, step=5)
+    rotation.apply(save_dir, keep_spare=True)
+    assert entries(save_dir) == [".global_step3.ds_fastckpt-spare", "global_step4", "global_step5"]
+    rotation.apply(save_dir, keep_spare=True)  # nothing retired: the spare had its save, and goes
+    assert entries(save_dir) == ["global_step4", "global_step5"]
+
+
+def test_without_keep_spare_a_spare_goes_with_the_leftovers(save_dir):
+    rotation = Rotation(LatestN(3))
+    rotation.apply(save_dir, keep_spare=True)
+    assert entries(save_dir)[0] == ".global_step1.ds_fastckpt-spare"
+    assert rotation.make_room(save_dir) == 2  # the disk guard: the spare and global_step2 go, none is kept
+    assert entries(save_dir) == ["global_step3", "global_step4"]
+
+
+def test_a_spare_is_never_made_of_what_is_not_ours(save_dir):
+    subprocess.run(["cp", "-r", str(save_dir / "global_step1"), str(save_dir / "best_model")], check=True)
+    os.symlink(save_dir / "global_step2", save_dir / "linked")
+    Rotation(LatestN(1)).apply(save_dir, keep_spare=True)
+    assert entries(save_dir) == [".global_step3.ds_fastckpt-spare", "best_model", "global_step4", "linked"]

@@ -1,7 +1,10 @@
 """PosixStorage on tmp dirs: each operation keeps its contract; every caller reaches storage through the accessor."""
 
 import errno
+import mmap
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -346,3 +349,79 @@ def test_a_substituted_backend_serves_commit_scan_rotation_space_and_lock(tmp_pa
     assert set(recording.calls) == {"write_atomic", "read_small", "sync_dir", "rename", "exchange", "remove_tree",
                                     "entry_kind", "subdirectories", "free_bytes", "lock_exclusive"}
     assert (save_dir / LOCK_NAME).read_bytes().startswith(f"pid {os.getpid()} ".encode())
+
+
+def test_take_for_overwrite_moves_a_file_nothing_else_holds(tmp_path, posix):
+    (tmp_path / "spare.pt").write_bytes(b"old")
+    inode = os.stat(tmp_path / "spare.pt").st_ino
+    assert posix.take_for_overwrite(tmp_path / "spare.pt", tmp_path / "new.pt") is True
+    assert os.listdir(tmp_path) == ["new.pt"]
+    assert os.stat(tmp_path / "new.pt").st_ino == inode
+
+
+def hold_open_in_another_process(path):
+    """A second process that has ``path`` open until its stdin closes (a reader of an old checkpoint)."""
+    reader = subprocess.Popen([sys.executable, "-c", f"f = open({str(path)!r}, 'rb'); print('open', flush=True); "
+                               "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline() == "open\n"
+    return reader
+
+
+@pytest.mark.parametrize("holder", ["hard link", "symlink", "fifo", "open in another process", "mapped here",
+                                    "missing", "directory"])
+def test_take_for_overwrite_refuses_what_someone_else_may_hold_and_moves_nothing(tmp_path, posix, holder):
+    source, destination = tmp_path / "spare.pt", tmp_path / "new.pt"
+    target = tmp_path / "kept_by_the_user.pt"
+    target.write_bytes(b"theirs")
+    closers = []
+    if holder == "hard link":
+        os.link(target, source)
+    elif holder == "symlink":
+        source.symlink_to(target)
+    elif holder == "fifo":
+        os.mkfifo(source)
+    elif holder == "directory":
+        source.mkdir()
+    elif holder != "missing":
+        source.write_bytes(b"old")
+        if holder == "open in another process":
+            reader = hold_open_in_another_process(source)
+            closers.append(lambda: (reader.stdin.close(), reader.wait()))
+        else:
+            with open(source, "rb") as file:
+                mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
+            closers.append(mapped.close)
+    before = sorted(os.listdir(tmp_path))
+    fds = open_fd_count()
+    try:
+        assert posix.take_for_overwrite(source, destination) is False
+        assert sorted(os.listdir(tmp_path)) == before
+        assert open_fd_count() == fds
+        assert target.read_bytes() == b"theirs"
+    finally:
+        for close in closers:
+            close()
+
+
+def test_take_for_overwrite_refuses_a_file_of_another_user(tmp_path, posix):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to own a file as another user")
+    source = tmp_path / "spare.pt"
+    source.write_bytes(b"old")  # root's, readable by all, in a directory anyone may rename in
+    os.chmod(source, 0o644)
+    os.chmod(tmp_path, 0o777)
+    os.chmod(tmp_path.parent, 0o755)
+    child = os.fork()
+    if child == 0:  # a job running as a second user must not write over a file it does not own
+        os.setgid(65534)
+        os.setuid(65534)
+        os._exit(0 if posix.take_for_overwrite(source, tmp_path / "new.pt") is False else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.listdir(tmp_path) == ["spare.pt"]
+
+
+def test_the_base_storage_never_recycles(tmp_path):
+    (tmp_path / "spare.pt").write_bytes(b"old")
+    assert Storage.take_for_overwrite(PosixStorage(), tmp_path / "spare.pt", tmp_path / "new.pt") is False
+    assert os.listdir(tmp_path) == ["spare.pt"]
