@@ -48,18 +48,23 @@ def test_ls_table(trained, capsys):
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["TAG", "STEP", "STATE"]
-    assert [line.split()[0] for line in lines[1:]] == ["global_step20", "global_step30", "global_step40"]
+    # global_step10, retired by the last save's rotation, is the spare the next save writes over.
+    assert [line.split()[0] for line in lines[1:]] == ["global_step20", "global_step30", "global_step40",
+                                                       "global_step10"]
     assert lines[1].endswith("next to rotate") and lines[3].endswith("latest")
+    assert "spare (the next save writes over it)" in lines[4]
 
 
 def test_ls_json_and_config(trained, capsys):
     code, out, _ = run(capsys, "ls", trained, "--json", "--config", REPO / "examples" / "ds_config.json")
     rows = json.loads(out)
-    assert code == 0 and [row["tag"] for row in rows] == ["global_step20", "global_step30", "global_step40"]
+    assert code == 0 and [row["tag"] for row in rows] == ["global_step20", "global_step30", "global_step40",
+                                                          "global_step10"]
     assert all({"tag", "step", "complete", "bytes", "latest"} <= row.keys() for row in rows)
-    assert [row["latest"] for row in rows] == [False, False, True]
-    assert [row["step"] for row in rows] == [20, 30, 40] and all(row["bytes"] > 0 for row in rows)
-    assert not any(row["next_to_delete"] for row in rows)  # keep_last 3 keeps all three
+    assert [row["latest"] for row in rows] == [False, False, True, False]
+    assert [row["step"] for row in rows[:3]] == [20, 30, 40] and all(row["bytes"] > 0 for row in rows[:3])
+    assert [row["next_to_delete"] for row in rows] == [False, False, False, True]  # keep_last 3 keeps all three
+    assert (rows[3]["complete"], rows[3]["state"]) == (False, "spare (the next save writes over it)")
 
 
 def test_ls_marks_leftovers(copy_of, capsys):
@@ -122,11 +127,13 @@ def test_verify_of_a_copy_says_it_is_not_ours(copy_of, capsys):
 def test_prune_dry_run_then_for_real(copy_of, capsys):
     code, out, _ = run(capsys, "prune", copy_of, "--keep-last", "1", "--dry-run")
     assert code == 0 and out.splitlines() == [f"would delete {copy_of / 'global_step20'}",
-                                               f"would delete {copy_of / 'global_step30'}"]
+                                               f"would delete {copy_of / 'global_step30'}",
+                                               f"would delete {copy_of / '.global_step10.ds_fastckpt-spare'}"]
     assert (copy_of / "global_step20").is_dir()
     (copy_of / "latest").write_text("global_step20")
     code, out, _ = run(capsys, "prune", copy_of, "--keep-last", "1")
-    assert code == 0 and out.splitlines() == [f"deleted {copy_of / 'global_step30'}"]
+    assert code == 0 and out.splitlines() == [f"deleted {copy_of / 'global_step30'}",
+                                               f"deleted {copy_of / '.global_step10.ds_fastckpt-spare'}"]
     assert sorted(p.name for p in copy_of.iterdir() if p.is_dir()) == ["global_step20", "global_step40"]
     assert (copy_of / "zero_to_fp32.py").is_file()
 

@@ -41,5 +41,6 @@ def test_enospc_mid_save(tmp_path, mount_tmpfs, async_save):
     train(engine, 1)
     engine.save_checkpoint(save_dir)  # removes the failed save's leftovers first, then fits
     train(engine, 1)
-    assert sorted(p.name for p in save_dir.iterdir() if p.is_dir()) == [f"global_step{engine.global_steps - 1}"]
+    assert sorted(p.name for p in save_dir.iterdir() if p.is_dir()) == [  # the retired one kept as the spare
+        ".global_step1.ds_fastckpt-spare", f"global_step{engine.global_steps - 1}"]
     engine.destroy()

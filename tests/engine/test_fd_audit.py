@@ -47,7 +47,9 @@ def test_raise_lists_the_leaked_fds(tmp_path, leaky_writer):
 
 def test_warn_shows_deleted_checkpoints_pinned_by_leaks(tmp_path, leaky_writer, caplog):
     caplog.set_level(logging.WARNING, logger="ds_fastckpt")
-    engine = init_engine(1, {"keep_last": 1, "fd_audit": "warn"})
+    # Without recycling, so that the rotation unlinks global_step1 (a spare is never written over while our
+    # leaked descriptors hold it open, but it stays on disk until the next rotation).
+    engine = init_engine(1, {"keep_last": 1, "fd_audit": "warn", "recycle_retired": False})
     for _ in range(2):
         train(engine, 1)
         engine.save_checkpoint(tmp_path)

@@ -175,10 +175,10 @@ def test_every_later_save_returns_promptly_and_commits(engine_runs, name):
 def test_rotation_leaves_the_cp_r_copy(engine_runs):
     save_dir, _ = engine_runs["cp -r copy"]
     # keep_last 1: rotation removed global_step1..3 but not the copy, which still holds every file
-    assert checkpoint_dirs(save_dir) == ["best_model", "global_step4"]
+    assert checkpoint_dirs(save_dir) == [".global_step3.ds_fastckpt-spare", "best_model", "global_step4"]
     original = engine_runs["copy named in latest"][0]
     assert sorted(os.listdir(save_dir / "best_model")) == sorted(os.listdir(original / "best_model"))
-    assert checkpoint_dirs(original) == ["best_model", "global_step4"]
+    assert checkpoint_dirs(original) == [".global_step3.ds_fastckpt-spare", "best_model", "global_step4"]
 
 
 def test_resume_ignores_hostile_latest_with_one_short_warning(engine_runs):

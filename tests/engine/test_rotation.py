@@ -23,7 +23,8 @@ def test_keep_last_2_over_10_saves_keeps_the_2_newest(tmp_path):
     for _ in range(10):
         train(engine, 1)
         engine.save_checkpoint(tmp_path)
-    assert checkpoint_dirs(tmp_path) == ["global_step10", "global_step9"]
+    # The newest retired checkpoint stays as the spare the next save writes over (recycle_retired).
+    assert checkpoint_dirs(tmp_path) == [".global_step8.ds_fastckpt-spare", "global_step10", "global_step9"]
     assert (tmp_path / "unrelated_dir" / "notes.txt").read_text() == "mine"
     assert (tmp_path / "unrelated.txt").read_text() == "also mine"
     assert all((tmp_path / script).is_file() for script in SCRIPTS)
@@ -43,10 +44,10 @@ def test_order_is_by_commit_not_by_tag_name(tmp_path):
     for tag in ["b", "a", "c9", "c10"]:
         train(engine, 1)
         engine.save_checkpoint(tmp_path, tag=tag)
-    assert checkpoint_dirs(tmp_path) == ["c10", "c9"]
+    assert checkpoint_dirs(tmp_path) == [".a.ds_fastckpt-spare", "c10", "c9"]
     train(engine, 1)
     engine.save_checkpoint(tmp_path, tag="a")
-    assert checkpoint_dirs(tmp_path) == ["a", "c10"]
+    assert checkpoint_dirs(tmp_path) == [".c9.ds_fastckpt-spare", "a", "c10"]
 
 
 def test_keep_last_1_keeps_the_new_one_and_what_latest_names(tmp_path):
@@ -59,7 +60,7 @@ def test_keep_last_1_keeps_the_new_one_and_what_latest_names(tmp_path):
     assert checkpoint_dirs(tmp_path) == ["first", "second"]
     train(engine, 1)
     engine.save_checkpoint(tmp_path, tag="third")
-    assert checkpoint_dirs(tmp_path) == ["third"]
+    assert checkpoint_dirs(tmp_path) == [".second.ds_fastckpt-spare", "third"]
 
 
 def test_leftovers_do_not_count_and_are_cleaned_after_a_newer_commit(tmp_path):
@@ -100,7 +101,7 @@ def test_fifty_save_rotate_cycles_leave_no_fd(tmp_path):
         engine.save_checkpoint(tmp_path)
         assert deleted_fds_under(tmp_path) == []
     assert [entry.target for entry in open_fds_under(tmp_path)] == [str(tmp_path / LOCK_NAME)]  # held on purpose
-    assert checkpoint_dirs(tmp_path) == ["global_step49", "global_step50"]
+    assert checkpoint_dirs(tmp_path) == [".global_step48.ds_fastckpt-spare", "global_step49", "global_step50"]
 
 
 def test_background_delete_retires_at_once_and_unlinks_on_the_remover_thread(tmp_path, monkeypatch):
@@ -112,7 +113,7 @@ def test_background_delete_retires_at_once_and_unlinks_on_the_remover_thread(tmp
         remove(trash)
 
     monkeypatch.setattr(rotation, "remove_retired", watched_remove)
-    engine = init_engine(1, {"keep_last": 1, "background_delete": True})
+    engine = init_engine(1, {"keep_last": 1, "background_delete": True, "recycle_retired": False})
     for _ in range(3):
         train(engine, 1)
         engine.save_checkpoint(tmp_path)

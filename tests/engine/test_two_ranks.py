@@ -36,7 +36,8 @@ def test_round_trip_is_bit_exact_on_every_rank(reports, stage, mode):
 
 def test_rotation_on_two_ranks(reports):
     rank0, rank1 = reports[0]
-    assert rank0["rotation"]["dirs"] == ["global_step20", "global_step40", "global_step49", "global_step50"]
+    assert rank0["rotation"]["dirs"] == [".global_step48.ds_fastckpt-spare", "global_step20", "global_step40",
+                                         "global_step49", "global_step50"]
     assert rank0["rotation"]["unrelated"] == "mine"
     assert rank0["rotation"]["latest"] == "global_step50"
     newest = rank0["rotation"]["files_in_newest"]
@@ -73,7 +74,7 @@ def test_resume_with_broken_latest_on_both_ranks(reports, case):
 def test_keep_last_one_keeps_what_latest_names_on_two_ranks(reports):
     result = reports[0][0]["keep_last_one"]
     assert result["after_second"] == ["first", "second"]
-    assert result["after_third"] == ["third"]
+    assert result["after_third"] == [".second.ds_fastckpt-spare", "third"]
 
 
 def test_injected_leak_is_caught_on_every_rank(reports):

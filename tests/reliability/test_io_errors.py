@@ -94,9 +94,9 @@ def assert_previous_checkpoint_resumes(save_dir: Path, expected_tag: str, expect
     assert_same_state(expected_state, full_state(loader))
 
 
-def one_checkpoint_then_a_step(save_dir: Path, tag=None, keep_last: int = 2):
+def one_checkpoint_then_a_step(save_dir: Path, tag=None, keep_last: int = 2, recycle_retired: bool = True):
     """An engine that saved once and trained one more step, and the state that checkpoint holds."""
-    engine = init_engine(1, {"keep_last": keep_last})
+    engine = init_engine(1, {"keep_last": keep_last, "recycle_retired": recycle_retired})
     train(engine, 1)
     engine.save_checkpoint(save_dir, tag=tag)
     good = full_state(engine)
@@ -163,7 +163,7 @@ def test_failed_fsync_after_an_exchange_puts_the_old_checkpoint_back(tmp_path, m
 
 def test_failed_unlink_during_rotation_keeps_the_committed_save(tmp_path, monkeypatch, caplog):
     save_dir = tmp_path / "ckpts"
-    engine, _ = one_checkpoint_then_a_step(save_dir, keep_last=1)
+    engine, _ = one_checkpoint_then_a_step(save_dir, keep_last=1, recycle_retired=False)  # rotation unlinks
     trash = str(save_dir / f".global_step1{TRASH_SUFFIX}")
     fault = OsFault(monkeypatch, "unlink", lambda path: path.startswith(trash + "/"))
     caplog.set_level(logging.ERROR, logger="ds_fastckpt")

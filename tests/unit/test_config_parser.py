@@ -18,12 +18,13 @@ from ds_fastckpt.engine import config as config_module
 from ds_fastckpt.engine.config import (MAX_QUEUE_DEPTH, aio_max_nr, aio_tuning, engine_name, max_io_buffer_size,
                                        max_queue_depth, parse_fast_aio, physical_memory)
 from ds_fastckpt.native.refusals import NotAllowed
-from ds_fastckpt.native.tuning import DEFAULT_IO_BUFFER_SIZE, DEFAULT_TUNING, AioTuning, check_io_buffer_size, check_tuning
+from ds_fastckpt.native.tuning import (DEFAULT_IO_BUFFER_SIZE, DEFAULT_TUNING, AioTuning, check_io_buffer_size,
+                                       check_tuning)
 
 BOOL = "true or false"
 SECONDS = "a finite number of seconds > 0"
-BOOL_KEYS = ("fsync", "torch_crc32", "trusted_pickles", "skip_damaged_on_resume", "background_delete", "async",
-             "snapshot")
+BOOL_KEYS = ("fsync", "torch_crc32", "trusted_pickles", "skip_damaged_on_resume", "background_delete",
+             "recycle_retired", "async", "snapshot")
 ATTRIBUTE = {"async": "async_save"}  # the key a user writes -> FastAioConfig's attribute
 
 # key -> (accepted values, refused values, what the message says is allowed)
@@ -105,7 +106,7 @@ def test_unknown_keys_are_named_with_the_allowed_ones(section, unknown):
     assert str(raised.value) == (
         f"checkpoint.fast_aio has unknown key(s) {unknown}: allowed keys are keep_last, keep_every, fsync, verify, "
         f"fd_audit, io_buffer_size, torch_crc32, trusted_pickles, skip_damaged_on_resume, background_delete, "
-        f"async, snapshot, snapshot_max_bytes, async_timeout_s, commit_timeout_s")
+        f"recycle_retired, async, snapshot, snapshot_max_bytes, async_timeout_s, commit_timeout_s")
 
 
 @pytest.mark.parametrize("section", [[1, 2], "fast", 3, True, ("keep_last", 1)])
