@@ -22,10 +22,10 @@ import tempfile
 import time
 
 import torch
+from single_process import world_of_one  # benchmarks/single_process.py: scripts import their siblings
 
 from ds_fastckpt.cli.measure import format_ratio, interleaved, medians
 from ds_fastckpt.format.records import complete_checkpoints, scan
-from single_process import world_of_one  # benchmarks/single_process.py: scripts import their siblings
 
 
 def make_engine(width: int, async_save: bool):

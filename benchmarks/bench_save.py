@@ -59,13 +59,13 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
+from single_process import world_of_one  # benchmarks/single_process.py: scripts import their siblings
 
 import ds_fastckpt  # the import registers the fast_aio engine with DeepSpeed
 from ds_fastckpt.cli.arguments import integer_at_least
 from ds_fastckpt.cli.bench import parse_size
 from ds_fastckpt.cli.measure import format_ratio, interleaved, medians, ratios, timed
 from ds_fastckpt.native.op import DIRECT_ALIGNMENT, load_op
-from single_process import world_of_one  # benchmarks/single_process.py: scripts import their siblings
 
 FAST = "fast_aio"
 DEFAULT = "default + os.sync()"
@@ -254,7 +254,7 @@ _ROWS = [
     ("lay_out.order", 3, "storages_in_save_order (pickling pass)"),
     ("open", 2, "AioFileWriter open (open, io_setup)"),
     ("write_to", 2, "Layout.write_to"),
-    ("write", 3, "AioFileWriter.write (memcpy to staging, waits for disk)"),
+    ("write", 3, "AioFileWriter.write (memcpy to staging, CRC-32C, waits for disk)"),
     ("close", 2, "AioFileWriter.close (tail, drain, ftruncate, fsync)"),
     ("commit", 1, "engine.commit"),
     ("commit.wait", 2, "wait_for + gather of records"),
@@ -265,9 +265,9 @@ _ROWS = [
     ("publish.rename", 3, "rename into place + fsync save_dir"),
     ("publish.latest", 3, "write latest (atomic)"),
     ("rotate", 2, "rotation"),
-    ("rotate.retire", 3, "retire (checks + rename to trash)"),
+    ("rotate.retire", 3, "retire (checks + rename to trash or spare)"),
     ("rotate.fsync", 3, "fsync save_dir"),
-    ("rotate.remove", 3, "remove_retired (rmtree: unlink ~1 checkpoint)"),
+    ("rotate.remove", 3, "remove_retired (rmtree: the old spare, or ~1 checkpoint)"),
     ("audit", 2, "fd audit (/proc/self/fd)"),
 ]
 

@@ -5,7 +5,6 @@
 #include <iterator>
 
 #include "checked_syscall.h"
-#include "crc32c.h"
 #include "fault_injection.h"
 #include "io_error.h"
 
@@ -92,23 +91,17 @@ AioQueue::~AioQueue() {
 // tag also waits for the hash, and the caller cannot reuse the memory early.
 // Chunks are hashed in the order they were submitted, which is queue order.
 void AioQueue::run() {
-  std::vector<Span> to_hash;  // checksummed bytes submitted since the last hash, in order
-  to_hash.reserve(slots_.size());
-  std::uint32_t crc = 0;  // extended only by this thread; published as checksum_ under the lock
   std::unique_lock<std::mutex> lock(mutex_);
   while (true) {
     work_.wait(lock, [this] { return stopping_ || in_flight_ > 0 || !queued_.empty(); });
     if (stopping_ && in_flight_ == 0) return;
-    submit_queued_locked(to_hash);
-    if (in_flight_ == 0) continue;  // to_hash is empty: every chunk in it is in flight
+    submit_queued_locked();
+    if (in_flight_ == 0) continue;
 
     lock.unlock();
-    for (const Span& span : to_hash) crc = crc32c_extend(crc, span.data, span.size);
-    to_hash.clear();
     struct io_event events[64];
     const auto got = try_libaio("io_getevents", [&] { return io_getevents(ctx_, 1, 64, events, nullptr); });
     lock.lock();
-    checksum_ = crc;
 
     if (got.err != 0) {
       // Without completions we cannot know when the kernel is done with the
@@ -125,7 +118,7 @@ void AioQueue::run() {
   }
 }
 
-void AioQueue::submit_queued_locked(std::vector<Span>& to_hash) {
+void AioQueue::submit_queued_locked() {
   for (Slot& slot : slots_) {
     if (queued_.empty() || error_ != 0) return;
     if (slot.busy) continue;
@@ -149,7 +142,6 @@ void AioQueue::submit_queued_locked(std::vector<Span>& to_hash) {
     queued_.pop_front();
     slot.busy = true;
     ++in_flight_;
-    if (slot.chunk.checksum_len > 0) to_hash.push_back(Span{slot.chunk.buf, slot.chunk.checksum_len});
   }
 }
 
@@ -170,7 +162,7 @@ void AioQueue::complete_locked(Slot& slot, long result) {
     // A short transfer (for writes typically the disk filling up): do the
     // rest, so the kernel reports the real error, e.g. ENOSPC, on the retry.
     const Chunk& chunk = slot.chunk;
-    queued_.push_front(Chunk{chunk.tag, chunk.buf + done, chunk.len - done, chunk.offset + done, 0,
+    queued_.push_front(Chunk{chunk.tag, chunk.buf + done, chunk.len - done, chunk.offset + done,
                              chunk.expected - done});
   }
 }
@@ -228,12 +220,11 @@ bool AioQueue::has_outstanding_locked(int tag) const {
   return false;
 }
 
-void AioQueue::enqueue(int tag, const std::uint8_t* buf, std::size_t len, std::uint64_t offset,
-                       std::size_t checksum_len) {
+void AioQueue::enqueue(int tag, const std::uint8_t* buf, std::size_t len, std::uint64_t offset) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     throw_if_failed_locked();
-    queued_.push_back(Chunk{tag, buf, len, offset, checksum_len, len});
+    queued_.push_back(Chunk{tag, buf, len, offset, len});
   }
   work_.notify_one();
 }
@@ -243,7 +234,7 @@ void AioQueue::enqueue_read(std::uint8_t* buf, std::size_t len, std::uint64_t of
   {
     std::lock_guard<std::mutex> lock(mutex_);
     throw_if_failed_locked();
-    queued_.push_back(Chunk{0, buf, len, offset, 0, expected});
+    queued_.push_back(Chunk{0, buf, len, offset, expected});
   }
   work_.notify_one();
 }
@@ -258,11 +249,6 @@ void AioQueue::drain_all() {
   std::unique_lock<std::mutex> lock(mutex_);
   progress_.wait(lock, [this] { return queued_.empty() && in_flight_ == 0; });
   throw_if_failed_locked();
-}
-
-std::uint32_t AioQueue::checksum() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return checksum_;
 }
 
 }  // namespace ds_fastckpt

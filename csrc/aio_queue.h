@@ -20,11 +20,9 @@ namespace ds_fastckpt {
 // completions, so the disk stays busy while the caller copies the next chunk;
 // the caller only enqueues and, when it needs memory back, drains.
 //
-// The worker also extends a CRC-32C over each chunk's first `checksum_len`
-// bytes right after submitting it, without holding the queue's lock; chunks
-// are submitted and hashed in the order they were enqueued, so the checksum is
-// that of the file when chunks are enqueued in file order. It runs on the
-// worker, beside the caller's copying and the chunk's own disk write.
+// The worker only submits and reaps, so that a freed slot is refilled at once;
+// hashing what is written is the caller's business (AioWriter hashes a staging
+// half while its writes are in flight).
 //
 // Chunks carry a tag (the staging half they come from) so a caller can wait
 // for one half while the other keeps the disk busy. The memory behind every
@@ -47,11 +45,9 @@ class AioQueue {
   AioQueue(const AioQueue&) = delete;
   AioQueue& operator=(const AioQueue&) = delete;
 
-  // Queues a write of [buf, buf + len) at file offset `offset`, of which the
-  // first `checksum_len` bytes count toward checksum(). Throws the first error
-  // of an earlier chunk, if any.
-  void enqueue(int tag, const std::uint8_t* buf, std::size_t len, std::uint64_t offset,
-               std::size_t checksum_len);
+  // Queues a write of [buf, buf + len) at file offset `offset`. Throws the
+  // first error of an earlier chunk, if any.
+  void enqueue(int tag, const std::uint8_t* buf, std::size_t len, std::uint64_t offset);
 
   // Read queues only: reads [offset, offset + len) into buf, of which at least
   // `expected` bytes must arrive (less than len for the block-padded end of a file).
@@ -66,9 +62,6 @@ class AioQueue {
   // in whatever order the reads completed. Throws IoError on a failed read.
   void wait_until_read(std::uint64_t begin, std::uint64_t end);
 
-  // CRC-32C of the checksummed bytes of the chunks hashed so far: of every
-  // chunk enqueued, once drain_all() has returned without throwing.
-  std::uint32_t checksum();
 
  private:
   struct Chunk {
@@ -76,7 +69,6 @@ class AioQueue {
     const std::uint8_t* buf;
     std::size_t len;
     std::uint64_t offset;
-    std::size_t checksum_len;
     std::size_t expected;  // bytes that must be transferred; len for writes
   };
   struct Slot {
@@ -84,15 +76,10 @@ class AioQueue {
     Chunk chunk;
     bool busy = false;
   };
-  struct Span {
-    const std::uint8_t* data;
-    std::size_t size;
-  };
 
   void run();
-  // The *_locked functions run with mutex_ held. submit_queued_locked()
-  // appends the checksummed bytes of each chunk it submits to `to_hash`.
-  void submit_queued_locked(std::vector<Span>& to_hash);
+  // The *_locked functions run with mutex_ held.
+  void submit_queued_locked();
   void complete_locked(Slot& slot, long result);
   bool has_outstanding_locked(int tag) const;
   void mark_read_locked(std::uint64_t begin, std::uint64_t end);
@@ -113,7 +100,6 @@ class AioQueue {
   unsigned in_flight_ = 0;
   bool stopping_ = false;
   bool context_reusable_ = true;  // false once completions may have been lost
-  std::uint32_t checksum_ = 0;  // the worker's running CRC, as of its last hash
   std::map<std::uint64_t, std::uint64_t> read_ranges_;  // disjoint [begin, end) ranges already read
   int error_ = 0;
   const char* error_op_ = nullptr;

@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "checked_syscall.h"
+#include "crc32c.h"
 #include "direct_io.h"
 #include "io_error.h"
 
@@ -43,16 +44,14 @@ void reserve_size(int fd, const std::string& path, std::uint64_t end, std::uint6
   reserved = target;
 }
 
-// Queues [data, data + size) in block_size requests; only the first
-// `payload` bytes (the rest is block padding) count toward the checksum.
-void queue_chunks(AioQueue& queue, int tag, const std::uint8_t* data, std::size_t size,
-                  std::size_t payload, std::uint64_t offset, std::size_t block_size) {
+// Queues [data, data + size) in block_size requests.
+void queue_chunks(AioQueue& queue, int tag, const std::uint8_t* data, std::size_t size, std::uint64_t offset,
+                  std::size_t block_size) {
   // `done` advances by what was queued, never by block_size: a block size near
   // SIZE_MAX would wrap the sum back below `size` and queue the same bytes again.
   for (std::size_t done = 0; done < size;) {
     const std::size_t len = std::min(block_size, size - done);
-    const std::size_t checksum_len = payload > done ? std::min(len, payload - done) : 0;
-    queue.enqueue(tag, data + done, len, offset + done, checksum_len);
+    queue.enqueue(tag, data + done, len, offset + done);
     done += len;
   }
 }
@@ -114,8 +113,10 @@ void AioWriter::require_open(const char* op) const {
 
 void AioWriter::queue_active_half(std::size_t padded_bytes) {
   reserve_size(fd_.get(), path_, half_offset_ + padded_bytes, reserved_);
-  queue_chunks(*queue_, active_, halves_[active_], padded_bytes, fill_, half_offset_,
-               options_.block_size);
+  queue_chunks(*queue_, active_, halves_[active_], padded_bytes, half_offset_, options_.block_size);
+  // Hashed here, while the half's writes are in flight: the queue's thread then
+  // never leaves a freed slot empty while it hashes. Padding is not hashed.
+  checksum_ = crc32c_extend(checksum_, halves_[active_], fill_);
   half_offset_ += padded_bytes;
   fill_ = 0;
 }
@@ -160,7 +161,6 @@ void AioWriter::close() {
     abort();
     throw;
   }
-  checksum_ = queue_->checksum();
   queue_.reset();
   finish_file(fd_, path_, accepted_, reserved_, options_.fsync);
 }
@@ -183,7 +183,7 @@ void write_aligned_file(const std::string& path, const std::uint8_t* data, std::
   {
     reserve_size(fd.get(), path, size, reserved);
     AioQueue queue(fd.get(), path, options.queue_depth);
-    queue_chunks(queue, 0, data, size, 0, 0, options.block_size);
+    queue_chunks(queue, 0, data, size, 0, options.block_size);
     queue.drain_all();
   }
   finish_file(fd, path, size, reserved, options.fsync);

@@ -7,6 +7,44 @@
 
 namespace ds_fastckpt {
 
+namespace crc32c_impl {
+
+namespace {
+
+constexpr std::uint32_t kReflectedPolynomial = 0x82F63B78u;
+
+// a * b modulo the polynomial, bits reflected as the CRC keeps them (bit 31 is x^0).
+std::uint32_t multiply(std::uint32_t a, std::uint32_t b) noexcept {
+  std::uint32_t product = 0;
+  for (std::uint32_t bit = 1u << 31; bit != 0; bit >>= 1) {
+    if (a & bit) product ^= b;
+    b = (b & 1) ? (b >> 1) ^ kReflectedPolynomial : b >> 1;  // b *= x
+  }
+  return product;
+}
+
+// x^(2^k) modulo the polynomial for every k a 64-bit count of bits needs.
+struct PowersOfX {
+  std::uint32_t of_two_to[67];
+  PowersOfX() noexcept {
+    of_two_to[0] = 1u << 30;  // x^1
+    for (int k = 1; k < 67; ++k) of_two_to[k] = multiply(of_two_to[k - 1], of_two_to[k - 1]);
+  }
+};
+
+}  // namespace
+
+std::uint32_t shift_state(std::uint32_t state, std::uint64_t size) noexcept {
+  static const PowersOfX powers;
+  // x^(8 size) is the product of x^(2^(k+3)) over the bits k set in size.
+  for (int k = 3; size != 0; size >>= 1, ++k) {
+    if (size & 1) state = multiply(powers.of_two_to[k], state);
+  }
+  return state;
+}
+
+}  // namespace crc32c_impl
+
 namespace {
 
 using Update = std::uint32_t (*)(std::uint32_t, const std::uint8_t*, std::size_t) noexcept;
@@ -67,6 +105,11 @@ const std::vector<Crc32cPath>& crc32c_paths() {
 std::uint32_t crc32c_extend(std::uint32_t crc, const std::uint8_t* data, std::size_t size) {
   static const Update fastest = update_of(crc32c_paths().front());
   return ~fastest(~crc, data, size);
+}
+
+std::uint32_t crc32c_combine(std::uint32_t crc_a, std::uint32_t crc_b, std::uint64_t size_b) noexcept {
+  // The complements taken at each end cancel out: only a's register moves on over b's length.
+  return crc32c_impl::shift_state(crc_a, size_b) ^ crc_b;
 }
 
 std::uint32_t crc32c_extend_with(Crc32cPath path, std::uint32_t crc, const std::uint8_t* data, std::size_t size) {

@@ -13,6 +13,11 @@ namespace ds_fastckpt {
 // so files written on one host verify on another.
 std::uint32_t crc32c_extend(std::uint32_t crc, const std::uint8_t* data, std::size_t size);
 
+// The CRC-32C of a followed by b, from crc_a = CRC of a, crc_b = CRC of b and
+// size_b = b's length, without reading either: CRC ranges computed apart (by
+// several threads or ranks) combine exactly. O(log size_b).
+std::uint32_t crc32c_combine(std::uint32_t crc_a, std::uint32_t crc_b, std::uint64_t size_b) noexcept;
+
 // The implementations behind crc32c_extend(), named so that tests can check
 // each one this host runs, and benchmarks can time them.
 enum class Crc32cPath {

@@ -29,6 +29,11 @@
 namespace ds_fastckpt {
 namespace crc32c_impl {
 
+// The raw CRC register `state` advanced over `size` zero bytes: state times
+// x^(8 size) modulo the polynomial. Register updates are linear, so a register
+// run from 0 over b combines with one run over a: shift_state(r_a, |b|) ^ r_b.
+std::uint32_t shift_state(std::uint32_t state, std::uint64_t size) noexcept;
+
 // Each update_* function advances the raw CRC register `state` (the complement
 // of the CRC value) over [data, data + size); crc32c_extend() does the
 // complementing. Every one gives the same result for the same input.

@@ -15,13 +15,37 @@ bool cpu_has_sse42() noexcept {
   return supported;
 }
 
+namespace {
+
+// crc32 has a latency of three cycles and a throughput of one per cycle, so
+// three independent registers over three neighbouring stripes run about three
+// times as fast as one; the stripes are joined with shift_state(), twice per
+// 3 * kStripe bytes, which costs about what 1 KiB of hashing does.
+constexpr std::size_t kStripe = 32768;
+
+__attribute__((target("sse4.2"))) inline std::uint64_t load_word(const std::uint8_t* data) noexcept {
+  std::uint64_t word;
+  std::memcpy(&word, data, sizeof(word));
+  return word;
+}
+
+}  // namespace
+
 __attribute__((target("sse4.2"))) std::uint32_t update_sse42(std::uint32_t state, const std::uint8_t* data,
                                                              std::size_t size) noexcept {
+  for (; size >= 3 * kStripe; size -= 3 * kStripe, data += 3 * kStripe) {
+    std::uint64_t first = state, second = 0, third = 0;
+    for (std::size_t i = 0; i < kStripe; i += 8) {
+      first = _mm_crc32_u64(first, load_word(data + i));
+      second = _mm_crc32_u64(second, load_word(data + kStripe + i));
+      third = _mm_crc32_u64(third, load_word(data + 2 * kStripe + i));
+    }
+    const auto joined = shift_state(static_cast<std::uint32_t>(first), kStripe) ^ static_cast<std::uint32_t>(second);
+    state = shift_state(joined, kStripe) ^ static_cast<std::uint32_t>(third);
+  }
   std::uint64_t state64 = state;
   for (; size >= 8; size -= 8, data += 8) {
-    std::uint64_t word;
-    std::memcpy(&word, data, sizeof(word));
-    state64 = _mm_crc32_u64(state64, word);
+    state64 = _mm_crc32_u64(state64, load_word(data));
   }
   auto state32 = static_cast<std::uint32_t>(state64);
   for (; size > 0; --size, ++data) state32 = _mm_crc32_u8(state32, *data);

@@ -297,6 +297,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("finish", [](py::handle self) { as_reader(self).finish(); });
   m.def("crc32c", &ds_fastckpt::crc32c, py::arg("data"), py::arg("crc") = 0,
         "CRC-32C of a buffer, extending `crc`; the checksum manifests record.");
+  m.def("crc32c_combine", &ds_fastckpt::crc32c_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("size_b"),
+        "CRC-32C of a followed by b, from the CRCs of a and b and b's length, without the data.");
   m.def("_crc32c_paths", &ds_fastckpt::crc32c_path_names,
         "Test hook: the CRC-32C implementations this CPU runs, fastest (the one crc32c() uses) first.");
   m.def("_crc32c_with", &ds_fastckpt::crc32c_with, py::arg("path"), py::arg("data"), py::arg("crc") = 0,

@@ -56,8 +56,9 @@ class AioFileWriter(io.RawIOBase):
     fsync is never retried into a false success. An exception inside a
     ``with`` block abandons the file: descriptor closed, no fsync.
 
-    The op computes a CRC-32C of the bytes as they go to disk, on its I/O
-    thread; ``checksum`` returns it after ``close()``.
+    The op computes a CRC-32C of the bytes as they go to disk (on the
+    calling thread, while each staging half's writes are in flight);
+    ``checksum`` returns it after ``close()``.
 
     A writer dropped without ``close()`` closes its descriptor without fsync.
     Like other raw file objects, a writer is used by one thread at a time: a

@@ -25,17 +25,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # accelerate's DeepSpeed path on a CPU-only host
 
-import torch  # noqa: E402
 import deepspeed  # noqa: E402
-import ds_fastckpt  # noqa: E402,F401  (the import is the wiring)
+import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from accelerate.state import AcceleratorState  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+import ds_fastckpt  # noqa: E402,F401  (the import is the wiring)
 from ds_fastckpt import open_fds_under  # noqa: E402
-from ds_fastckpt.integrations import FastAioTrainerCallback, last_complete_checkpoint  # noqa: E402
 from ds_fastckpt.decisions.resume import choose_resume_tag  # noqa: E402
 from ds_fastckpt.format.names import LOCK_NAME
+from ds_fastckpt.integrations import FastAioTrainerCallback, last_complete_checkpoint  # noqa: E402
 
 STEPS = 8
 SEQ = 16

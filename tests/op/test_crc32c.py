@@ -115,6 +115,38 @@ def test_chaining_holds_within_and_across_paths():
         assert op().crc32c(view[start + cut:start + length], op().crc32c(view[start:start + cut])) == whole
 
 
+# csrc/crc32c_sse42.cpp hashes three stripes of 32 KiB side by side; lengths around whole rounds of them.
+STRIPE_ROUND = 3 * 32768
+STRIPE_LENGTHS = [STRIPE_ROUND - 1, STRIPE_ROUND, STRIPE_ROUND + 1, STRIPE_ROUND + 8, 2 * STRIPE_ROUND + 13,
+                  10 * STRIPE_ROUND + 7]
+
+
+def test_paths_agree_around_whole_rounds_of_interleaved_stripes():
+    google_crc32c = pytest.importorskip("google_crc32c", reason="google-crc32c is not installed")
+    view = memoryview(RANDOM)
+    for length in STRIPE_LENGTHS:
+        for start in (0, 3):
+            data = bytes(view[start:start + length])
+            expected = google_crc32c.value(data)
+            assert {path: op()._crc32c_with(path, data) for path in runnable_paths()} == dict.fromkeys(
+                runnable_paths(), expected), (start, length)
+            cut = length // 3 + start
+            assert op().crc32c(data[cut:], op().crc32c(data[:cut])) == expected
+
+
+def test_combine_joins_crcs_of_neighbouring_ranges_without_their_bytes():
+    view = memoryview(RANDOM)
+    rng = random.Random(5)
+    cases = [(0, 0), (0, 1), (1, 0), (5, 4096), (4096, 1 << 19)] + [
+        (rng.randrange(1 << 19), rng.randrange(1 << 19)) for _ in range(30)]
+    for size_a, size_b in cases:
+        a, b = view[:size_a], view[size_a:size_a + size_b]
+        assert op().crc32c_combine(op().crc32c(a), op().crc32c(b), size_b) == op().crc32c(view[:size_a + size_b]), (
+            size_a, size_b)
+    zeros = bytes(3 << 20)  # a long run: every power of x the combine uses up to 2**25 bits
+    assert op().crc32c_combine(op().crc32c(b"head"), op().crc32c(zeros), len(zeros)) == op().crc32c(b"head" + zeros)
+
+
 def test_agrees_with_google_crc32c():
     google_crc32c = pytest.importorskip("google_crc32c", reason="google-crc32c is not installed")
     view = memoryview(RANDOM)
