@@ -84,12 +84,9 @@ AioQueue::~AioQueue() {
   }
 }
 
-// The CRC is extended here, on the worker, with the lock released: callers can
-// enqueue and drain while it runs. Each chunk is hashed right after it is
-// submitted, so its disk write overlaps its hashing; it stays in a busy slot
-// until this thread reaps its completion, after the hash, so drain() of its
-// tag also waits for the hash, and the caller cannot reuse the memory early.
-// Chunks are hashed in the order they were submitted, which is queue order.
+// Fills every free slot from the queue, then waits for completions with the
+// lock released, so callers can enqueue and drain meanwhile. Nothing else runs
+// here: a slot freed by a completion is refilled at once.
 void AioQueue::run() {
   std::unique_lock<std::mutex> lock(mutex_);
   while (true) {

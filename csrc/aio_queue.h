@@ -62,7 +62,6 @@ class AioQueue {
   // in whatever order the reads completed. Throws IoError on a failed read.
   void wait_until_read(std::uint64_t begin, std::uint64_t end);
 
-
  private:
   struct Chunk {
     int tag;

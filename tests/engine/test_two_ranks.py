@@ -43,6 +43,9 @@ def test_rotation_on_two_ranks(reports):
     newest = rank0["rotation"]["files_in_newest"]
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in newest
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in newest
+    # Each rank wrote its files over those of the spare: rank 1 found it by name too.
+    assert rank0["rotation"]["recycled"] == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                             "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
 
 def test_no_fd_into_save_dir_on_any_rank_after_fifty_cycles(reports):

@@ -49,11 +49,16 @@ def rotation(save_dir: Path, rank: int) -> dict:
         (save_dir / "unrelated.txt").write_text("mine")
     engine = init_engine(2, {"keep_last": 2, "keep_every": 20, "fd_audit": "raise"})
     deleted_seen = 0
-    for _ in range(50):
+    spare_inodes = {}
+    for step in range(1, 51):
+        if step == 50:  # the files of the spare (global_step47's) that the last save may write over
+            spare_inodes = {path.name: path.stat().st_ino for path in save_dir.glob(".*.ds_fastckpt-spare/*.pt")}
         train(engine, 1)
         engine.save_checkpoint(save_dir)
         deleted_seen += len(deleted_fds_under(save_dir))
+    newest = save_dir / "global_step50"
     return {
+        "recycled": sorted(name for name, inode in spare_inodes.items() if (newest / name).stat().st_ino == inode),
         "dirs": sorted(p.name for p in save_dir.iterdir() if p.is_dir()),
         "unrelated": (save_dir / "unrelated.txt").read_text(),
         "latest": (save_dir / "latest").read_text(),
