@@ -43,6 +43,10 @@ std::uint32_t shift_state(std::uint32_t state, std::uint64_t size) noexcept {
   return state;
 }
 
+std::uint32_t join_stripes(std::uint32_t first, std::uint32_t second, std::uint32_t third) noexcept {
+  return shift_state(shift_state(first, kStripe) ^ second, kStripe) ^ third;
+}
+
 }  // namespace crc32c_impl
 
 namespace {
