@@ -127,9 +127,12 @@ class Rotation:
                 remove_retired(trash)
             else:
                 self._removals.append((trash, submit(remove_retired, trash)))
-        if doomed:
-            logger.info("rotation deleted %s from %s%s", ", ".join(record.name for record in doomed), save_dir,
-                        f" (the files of {spare.name} stay as a spare for the next save)" if spare else "")
+        deleted = [record.name for record in doomed if record is not spare]
+        if deleted:
+            logger.info("rotation deleted %s from %s", ", ".join(deleted), save_dir)
+        if spare is not None:
+            logger.info("rotation retired %s in %s; its files stay as the spare the next save writes over",
+                        spare.name, save_dir)
         return doomed
 
     def make_room(self, save_dir) -> int:
