@@ -20,6 +20,7 @@ namespace {
 
 constexpr int kCreateFlags = O_WRONLY | O_CREAT | O_TRUNC;
 constexpr int kOverwriteFlags = O_WRONLY | O_CREAT;
+constexpr int kSharedFlags = O_WRONLY;  // its maker created and sized it; a missing file is an error
 constexpr mode_t kCreateMode = 0666;  // narrowed by the umask, like open() in Python
 
 void check_options(const WriterOptions& options, const std::string& path) {
@@ -77,7 +78,8 @@ void finish_file(UniqueFd& fd, const std::string& path, std::uint64_t exact_size
 
 AioWriter::AioWriter(std::string path, std::uint8_t* staging, std::size_t half_bytes,
                      WriterOptions options, ExistingFile existing)
-    : path_(std::move(path)), options_(options), halves_{staging, nullptr}, half_bytes_(half_bytes) {
+    : path_(std::move(path)), options_(options), existing_(existing), halves_{staging, nullptr},
+      half_bytes_(half_bytes) {
   check_options(options_, path_);
   const auto address = reinterpret_cast<std::uintptr_t>(staging);
   if (half_bytes_ == 0 || half_bytes_ % kDirectAlignment != 0 || address % kDirectAlignment != 0) {
@@ -93,11 +95,13 @@ AioWriter::AioWriter(std::string path, std::uint8_t* staging, std::size_t half_b
                                " bytes overflow the address space)", path_);
   }
   halves_[1] = staging + half_bytes_;
-  const bool overwrite = existing == ExistingFile::kOverwrite;
-  OpenedFile file = open_direct_or_buffered(path_, overwrite ? kOverwriteFlags : kCreateFlags, kCreateMode);
+  const int flags = existing == ExistingFile::kTruncate    ? kCreateFlags
+                    : existing == ExistingFile::kOverwrite ? kOverwriteFlags
+                                                           : kSharedFlags;
+  OpenedFile file = open_direct_or_buffered(path_, flags, kCreateMode);
   fd_ = std::move(file.fd);
   direct_ = file.direct;
-  if (overwrite) {  // the file's size is already reserved; close() truncates to what was written
+  if (existing != ExistingFile::kTruncate) {  // the file's size is already set; close() truncates as needed
     struct stat st;
     check_syscall("fstat", path_, [&] { return ::fstat(fd_.get(), &st); });
     reserved_ = static_cast<std::uint64_t>(st.st_size);
@@ -112,7 +116,8 @@ void AioWriter::require_open(const char* op) const {
 }
 
 void AioWriter::queue_active_half(std::size_t padded_bytes) {
-  reserve_size(fd_.get(), path_, half_offset_ + padded_bytes, reserved_);
+  // A kShared file is never grown ahead: a size set here could cut into another writer's range at close().
+  if (existing_ != ExistingFile::kShared) reserve_size(fd_.get(), path_, half_offset_ + padded_bytes, reserved_);
   queue_chunks(*queue_, active_, halves_[active_], padded_bytes, half_offset_, options_.block_size);
   // Hashed here, while the half's writes are in flight: the queue's thread then
   // never leaves a freed slot empty while it hashes. Padding is not hashed.
@@ -148,21 +153,62 @@ void AioWriter::copy_and_queue(const std::uint8_t* data, std::size_t size) {
   }
 }
 
+void AioWriter::end_segment() {
+  if (accepted_ > segment_start_) {
+    segments_.push_back(Segment{segment_start_, accepted_ - segment_start_, checksum_});
+    total_checksum_ = crc32c_combine(total_checksum_, checksum_, accepted_ - segment_start_);
+  }
+  checksum_ = 0;
+  segment_start_ = accepted_;
+}
+
+void AioWriter::skip(std::uint64_t size) {
+  require_open("skip");
+  try {
+    if (accepted_ % kDirectAlignment != 0 || size % kDirectAlignment != 0) {
+      throw_io_error(EINVAL, "skip (position " + std::to_string(accepted_) + " and length " + std::to_string(size) +
+                                 " must be multiples of " + std::to_string(kDirectAlignment) + ")", path_);
+    }
+    std::uint64_t end;
+    if (__builtin_add_overflow(accepted_, size, &end)) throw_io_error(EFBIG, "skip", path_);
+    if (fill_ > 0) {  // a whole number of blocks, as the position is aligned
+      queue_active_half(fill_);
+      active_ ^= 1;
+      queue_->drain(active_);
+    }
+    end_segment();
+    half_offset_ = end;
+    accepted_ = end;
+    segment_start_ = end;
+  } catch (...) {
+    abort();
+    throw;
+  }
+}
+
 void AioWriter::close() {
   require_open("close");
+  const bool shared = existing_ == ExistingFile::kShared;
   try {
+    if (shared && accepted_ > reserved_) {
+      throw_io_error(EFBIG, "close (wrote up to byte " + std::to_string(accepted_) + " of a shared file of " +
+                                std::to_string(reserved_) + " bytes)", path_);
+    }
     if (fill_ > 0) {
       const std::size_t padded = round_up_to_alignment(fill_);
       std::memset(halves_[active_] + fill_, 0, padded - fill_);
       queue_active_half(padded);
     }
     queue_->drain_all();
+    end_segment();
   } catch (...) {
     abort();
     throw;
   }
   queue_.reset();
-  finish_file(fd_, path_, accepted_, reserved_, options_.fsync);
+  // A shared file keeps the size its maker set; only the padding of its last block, if this writer wrote it, goes.
+  const std::uint64_t exact = shared ? reserved_ : accepted_;
+  finish_file(fd_, path_, exact, shared ? std::max(reserved_, half_offset_) : reserved_, options_.fsync);
 }
 
 void AioWriter::abort() noexcept {

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "aio_queue.h"
 #include "direct_io.h"
@@ -22,6 +23,16 @@ struct WriterOptions {
 enum class ExistingFile {
   kTruncate,   // O_TRUNC: its blocks are freed and the file is written anew
   kOverwrite,  // its blocks are kept and written over in place; close() cuts what is left past the end
+  kShared,     // sized by whoever made it and written in ranges by several writers at once: opened without
+               // O_CREAT or O_TRUNC and never resized, except to cut the padding of a tail this writer wrote
+};
+
+// A run of bytes written back to back, between two skip()s: where it starts in
+// the file, how long it is, and its CRC-32C.
+struct Segment {
+  std::uint64_t offset;
+  std::uint64_t length;
+  std::uint32_t crc;
 };
 
 // Writes one file front to back. Call order: write()* then close(), or abort().
@@ -53,6 +64,11 @@ class AioWriter {
   // writer is aborted (descriptor closed) before the error propagates.
   void write(const std::uint8_t* data, std::size_t size);
 
+  // Moves the file position forward by `size` bytes without writing them:
+  // another writer of a kShared file writes them. The position and `size`
+  // must be multiples of kDirectAlignment. Ends the current segment.
+  void skip(std::uint64_t size);
+
   // Writes what is staged, truncates to the exact size, fsyncs (unless
   // disabled) and closes. The descriptor is closed whether or not this throws.
   void close();
@@ -61,8 +77,11 @@ class AioWriter {
   void abort() noexcept;
 
   std::uint64_t bytes_written() const noexcept { return accepted_; }
-  // CRC-32C of the file's bytes; complete once close() has returned.
-  std::uint32_t checksum() const noexcept { return checksum_; }
+  // CRC-32C of the bytes written, in order (the file's, when nothing was
+  // skipped); complete once close() has returned.
+  std::uint32_t checksum() const noexcept { return total_checksum_; }
+  // The runs written between skips, in file order; complete once close() has returned.
+  const std::vector<Segment>& segments() const noexcept { return segments_; }
   bool is_direct() const noexcept { return direct_; }
   bool is_open() const noexcept { return fd_.valid(); }
 
@@ -70,9 +89,11 @@ class AioWriter {
   void copy_and_queue(const std::uint8_t* data, std::size_t size);
   void queue_active_half(std::size_t padded_bytes);
   void require_open(const char* op) const;
+  void end_segment();
 
   std::string path_;
   WriterOptions options_;
+  ExistingFile existing_;
   UniqueFd fd_;
   bool direct_ = true;
   std::unique_ptr<AioQueue> queue_;
@@ -81,9 +102,12 @@ class AioWriter {
   int active_ = 0;
   std::size_t fill_ = 0;
   std::uint64_t half_offset_ = 0;
-  std::uint64_t reserved_ = 0;  // file size set ahead of the writes
-  std::uint64_t accepted_ = 0;
-  std::uint32_t checksum_ = 0;
+  std::uint64_t reserved_ = 0;  // file size set ahead of the writes; a kShared file's size
+  std::uint64_t accepted_ = 0;  // the file position: bytes written and skipped
+  std::uint64_t segment_start_ = 0;
+  std::uint32_t checksum_ = 0;  // of the current segment
+  std::uint32_t total_checksum_ = 0;
+  std::vector<Segment> segments_;
 };
 
 // Writes `size` bytes from an aligned buffer straight to `path` with the same

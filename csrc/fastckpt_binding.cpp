@@ -10,6 +10,7 @@
 #include <shared_mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "aio_reader.h"
@@ -92,6 +93,13 @@ T& constructed(py::handle self) {
   return *held.value_ptr<T>();
 }
 
+ExistingFile existing_file(const std::string& name) {
+  if (name == "truncate") return ExistingFile::kTruncate;
+  if (name == "overwrite") return ExistingFile::kOverwrite;
+  if (name == "shared") return ExistingFile::kShared;
+  throw py::value_error("existing=" + name + " is not allowed: use 'truncate', 'overwrite' or 'shared'");
+}
+
 // Keeps the staging tensor alive for as long as the native writer can touch it:
 // members are destroyed in reverse order, so the writer (which waits for its
 // in-flight requests) goes before the memory it writes from.
@@ -100,8 +108,9 @@ class PyAioWriter {
   static constexpr const char* kName = "AioWriter";
 
   PyAioWriter(const std::string& path, torch::Tensor staging, std::size_t half_bytes,
-              std::size_t block_size, unsigned queue_depth, bool fsync, bool overwrite)
+              std::size_t block_size, unsigned queue_depth, bool fsync, const std::string& existing)
       : staging_(std::move(staging)) {
+    const ExistingFile mode = existing_file(existing);
     std::size_t both_halves;
     if (__builtin_mul_overflow(half_bytes, std::size_t{2}, &both_halves)) {
       throw py::value_error("half_bytes=" + std::to_string(half_bytes) +
@@ -110,7 +119,13 @@ class PyAioWriter {
     std::uint8_t* base = aligned_bytes(staging_, both_halves, "staging buffer");
     py::gil_scoped_release release;
     writer_ = std::make_unique<AioWriter>(path, base, half_bytes, WriterOptions{block_size, queue_depth, fsync},
-                                          overwrite ? ExistingFile::kOverwrite : ExistingFile::kTruncate);
+                                          mode);
+  }
+
+  void skip(std::uint64_t size) {
+    ExclusiveCall call(mutex_, running_, "AioWriter", "skip");
+    py::gil_scoped_release release;
+    writer_->skip(size);
   }
 
   void write(const py::buffer& data) {
@@ -149,6 +164,13 @@ class PyAioWriter {
   std::uint32_t checksum() {
     ExclusiveCall call(mutex_, running_, "AioWriter", "checksum");
     return writer_->checksum();
+  }
+  // (offset, length, crc32c) of each run written between skips.
+  std::vector<std::tuple<std::uint64_t, std::uint64_t, std::uint32_t>> segments() {
+    ExclusiveCall call(mutex_, running_, "AioWriter", "segments");
+    std::vector<std::tuple<std::uint64_t, std::uint64_t, std::uint32_t>> runs;
+    for (const Segment& segment : writer_->segments()) runs.emplace_back(segment.offset, segment.length, segment.crc);
+    return runs;
   }
   bool is_open() {
     ExclusiveCall call(mutex_, running_, "AioWriter", "is_open");
@@ -271,9 +293,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
 
   py::class_<PyAioWriter>(m, "AioWriter")
-      .def(py::init<const std::string&, torch::Tensor, std::size_t, std::size_t, unsigned, bool, bool>(),
+      .def(py::init<const std::string&, torch::Tensor, std::size_t, std::size_t, unsigned, bool, const std::string&>(),
            py::arg("path"), py::arg("staging"), py::arg("half_bytes"), py::arg("block_size"),
-           py::arg("queue_depth"), py::arg("fsync"), py::arg("overwrite") = false)
+           py::arg("queue_depth"), py::arg("fsync"), py::arg("existing") = "truncate")
+      .def(
+          "skip", [](py::handle self, std::uint64_t size) { as_writer(self).skip(size); }, py::arg("size"))
+      .def_property_readonly("segments", [](py::handle self) { return as_writer(self).segments(); })
       .def(
           "write", [](py::handle self, const py::buffer& data) { as_writer(self).write(data); },
           py::arg("data"))

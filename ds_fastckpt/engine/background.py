@@ -12,7 +12,7 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 
-from ds_fastckpt.native.layout_save import Layout, SnapshotTooLargeError, lay_out, layout_first_supported
+from ds_fastckpt.native.layout_save import FilePart, Layout, SnapshotTooLargeError, lay_out, layout_first_supported
 
 THREAD_NAME = "ds_fastckpt-writer"
 REMOVER_THREAD_NAME = "ds_fastckpt-remover"
@@ -62,16 +62,19 @@ def wait_for(futures: List[concurrent.futures.Future], timeout_s: float,
     return results, failure
 
 
-def snapshot(state_dict, limit_bytes: int = 0) -> Union[Layout, bytes]:
+def snapshot(state_dict, limit_bytes: int = 0) -> Union[Layout, FilePart, bytes]:
     """``state_dict`` as it is now, in host memory, for a write that must not see later changes.
 
     Its layout with every storage copied (``Layout.snapshot``: accelerator
     tensors by DMA into pinned memory); serialized bytes where the layout needs
-    data it leaves out (torch's zip CRC32 on).
+    data it leaves out (torch's zip CRC32 on). A ``FilePart`` (this rank's
+    share of a shared file) is copied the same way.
 
     Raises:
         SnapshotTooLargeError: when the storages exceed ``limit_bytes`` (0: no limit); nothing was copied.
     """
+    if isinstance(state_dict, FilePart):
+        return state_dict.snapshot(limit_bytes)
     if layout_first_supported():
         return lay_out(state_dict).snapshot(limit_bytes)
     buffer = io.BytesIO()

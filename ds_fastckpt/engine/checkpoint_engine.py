@@ -5,7 +5,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
@@ -22,14 +22,17 @@ from ds_fastckpt.engine.background import REMOVER_THREAD_NAME, BackgroundWriter,
 from ds_fastckpt.engine.commit import SaveInProgress, publish
 from ds_fastckpt.engine.config import FastAioConfig
 from ds_fastckpt.engine.rank_group import CommitError, RankGroup
+from ds_fastckpt.engine.shared_write import FileShare, join_shares, plan_share
 from ds_fastckpt.engine.verified_load import VerifiedLoader
+from ds_fastckpt.engine.writer_groups import WriterGroup, form_writer_group
 from ds_fastckpt.faults import save_points
 from ds_fastckpt.format import save_dir_lock
 from ds_fastckpt.format.manifest import FileRecord, write_pending_marker
 from ds_fastckpt.format.names import pending_path
 from ds_fastckpt.format.records import CheckpointRecord, newest_sequence
 from ds_fastckpt.format.tags import InvalidTagError, validate_tag
-from ds_fastckpt.native.layout_save import DeviceCopier, Layout, SnapshotTooLargeError, save_layout_first
+from ds_fastckpt.native.layout_save import (DeviceCopier, FilePart, Layout, SnapshotTooLargeError,
+                                            save_layout_first)
 from ds_fastckpt.native.op import load_op
 from ds_fastckpt.native.staging import StagingBuffer
 from ds_fastckpt.native.writer import AioFileWriter, torch_zip_crc32
@@ -99,9 +102,12 @@ class FastAioCheckpointEngine(CheckpointEngine):
         options: the validated ``checkpoint.fast_aio`` section.
         tuning: ``block_size`` and ``queue_depth`` from DeepSpeed's ``aio`` section.
         node_local: DeepSpeed's ``checkpoint.use_node_local_storage``.
+        data_parallel_ranks: the global ranks of this rank's data-parallel group, when ``parallel_writers``
+            applies (ZeRO stage 0-2 without MoE); None writes every file from one rank.
     """
 
-    def __init__(self, config_params, options: FastAioConfig, tuning: Dict[str, int], node_local: bool = False):
+    def __init__(self, config_params, options: FastAioConfig, tuning: Dict[str, int], node_local: bool = False,
+                 data_parallel_ranks: Optional[Sequence[int]] = None):
         super().__init__(config_params)
         self.name = ENGINE_NAME
         self.options = options
@@ -114,6 +120,10 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._next_step: Optional[int] = None
         self._next_save_latest = True
         self._ranks = RankGroup(options.commit_timeout_s)
+        self._writers: Optional[WriterGroup] = None
+        if data_parallel_ranks is not None and options.parallel_writers != "off":
+            self._writers = form_writer_group(options.parallel_writers, node_local, data_parallel_ranks, self._ranks)
+        self._next_replicated: Optional[Path] = None
         self._loader = VerifiedLoader(options, tuning, self._ranks.gather, node_local=node_local)
         self._background: Optional[BackgroundWriter] = None
         self._remover: Optional[BackgroundWriter] = None  # sync saves with background_delete only
@@ -133,15 +143,17 @@ class FastAioCheckpointEngine(CheckpointEngine):
         elif options.background_delete:
             self._remover = BackgroundWriter(REMOVER_THREAD_NAME)
 
-    def prepare_save(self, step: Optional[int], save_latest: bool) -> None:
+    def prepare_save(self, step: Optional[int], save_latest: bool, replicated: Optional[str] = None) -> None:
         """Called by the ``save_checkpoint`` hook: the step for the manifest and whether to write ``latest``.
 
         DeepSpeed itself writes ``latest`` with a plain ``open('w')`` after
         ``commit``; the hook tells DeepSpeed not to and this engine writes it
-        atomically instead.
+        atomically instead. ``replicated`` is the model-states file that
+        every rank of this rank's writer group saves (``parallel_writers``).
         """
         self._next_step = step
         self._next_save_latest = save_latest
+        self._next_replicated = None if replicated is None else Path(replicated).absolute()
         self._checkpoint_save_next = True
         self._file_save = False
 
@@ -149,6 +161,18 @@ class FastAioCheckpointEngine(CheckpointEngine):
         if self.node_local:
             return int(os.environ.get("LOCAL_RANK", "0")) == 0
         return collectives.rank() == 0
+
+    @property
+    def writes_in_parallel(self) -> bool:
+        """Whether this rank writes a share of the replicated model-states file (``parallel_writers``)."""
+        return self._writers is not None
+
+    def is_data_parallel_writer(self, dp_rank):
+        """DeepSpeed asks this once, at initialization, to decide which ranks save the model-states file.
+
+        Every member of a writer group says yes, and they write it together; otherwise DeepSpeed's answer.
+        """
+        return self._writers is not None or dp_rank == 0
 
     def is_decoupled(self):
         return self.options.async_save
@@ -195,8 +219,9 @@ class FastAioCheckpointEngine(CheckpointEngine):
         abandoned, self._failed_pending = self._failed_pending, None
         tag = validate_tag(info.tag)
         save_dir = Path(info.save_dir).absolute()
-        save = SaveInProgress(save_dir, tag, pending_path(save_dir, tag), self._next_step, self._next_save_latest)
-        self._next_step, self._next_save_latest = None, True
+        save = SaveInProgress(save_dir, tag, pending_path(save_dir, tag), self._next_step, self._next_save_latest,
+                              replicated=self._next_replicated)
+        self._next_step, self._next_save_latest, self._next_replicated = None, True, None
         self._on_leader(lambda: self._prepare_pending(save, abandoned), f"checkpoint {tag!r} cannot start")
         self._save = save
 
@@ -212,9 +237,13 @@ class FastAioCheckpointEngine(CheckpointEngine):
             else:  # the writer thread owns the staging buffer; this file waits behind the checkpoint in flight
                 self._background.submit(self._write_file, state_dict, Path(path), None).result()
             return
+        target = save.redirect(path) or Path(path)
+        if self._writers is not None and Path(path).absolute() == save.replicated:
+            state_dict = self._plan_share(state_dict, target, save)
+            if state_dict is None:
+                return
         if save.failed is not None:
             return  # this checkpoint already failed on this rank; writing more of it is wasted
-        target = save.redirect(path) or Path(path)
         try:
             if self._background is None:
                 record = self._write_file(state_dict, target, save)
@@ -230,6 +259,21 @@ class FastAioCheckpointEngine(CheckpointEngine):
             save.failed = error
             logger.error("writing %s failed; checkpoint %r will not be committed: %s", target, save.tag, error)
 
+    def _plan_share(self, state_dict, target: Path, save: SaveInProgress):
+        """This rank's part of the replicated file (see ``shared_write.plan_share``), or None to write nothing."""
+        def make_file(size: int) -> None:
+            keep_blocks = self.options.recycle_retired and save.take_spare_file(target)
+            storage.storage_for(target).make_sized_file(target, size, keep_blocks=keep_blocks)
+
+        try:
+            with torch_zip_crc32(self.options.torch_crc32):  # decides whether the file can be laid out first
+                return plan_share(state_dict, self._writers, make_file, f"checkpoint {save.tag!r}, {target.name}",
+                                  taking_part=save.failed is None)
+        except Exception as error:  # commit() raises it, once every rank has heard, so that none waits for us
+            save.failed = save.failed or error
+            logger.error("writing %s failed; checkpoint %r will not be committed: %s", target, save.tag, error)
+            return None
+
     def _snapshot(self, state_dict, save: SaveInProgress):
         """A host copy of ``state_dict`` within ``snapshot_max_bytes``; ``state_dict`` itself when it does not fit."""
         limit = self.options.snapshot_max_bytes
@@ -240,18 +284,20 @@ class FastAioCheckpointEngine(CheckpointEngine):
             logger.warning("checkpoint %r: %d bytes left of snapshot_max_bytes=%d; writing this file now, with "
                            "training waiting for it (%s)", save.tag, limit - save.snapshot_bytes, limit, error)
             return state_dict
-        save.snapshot_bytes += copy.storage_bytes if isinstance(copy, Layout) else len(copy)
+        save.snapshot_bytes += copy.storage_bytes if isinstance(copy, (Layout, FilePart)) else len(copy)
         return copy
 
-    def _write_file(self, payload, path: Path, save: Optional[SaveInProgress]) -> Optional[FileRecord]:
-        """Writes one file durably: a state laid out first (``layout_save``), a snapshot, or serialized bytes."""
-        overwrite = save is not None and self.options.recycle_retired and save.take_spare_file(path)
+    def _write_file(self, payload, path: Path, save: Optional[SaveInProgress]) -> Union[FileRecord, FileShare, None]:
+        """Writes one file durably: a state laid out first (``layout_save``), a snapshot, serialized bytes, or
+        this rank's part of a shared file (``FilePart``)."""
+        shared = isinstance(payload, FilePart)
+        overwrite = not shared and save is not None and self.options.recycle_retired and save.take_spare_file(path)
         with torch_zip_crc32(self.options.torch_crc32), \
                 AioFileWriter(path, staging=self._staging_buffer(), fsync=self.options.fsync, overwrite=overwrite,
-                              **self.tuning) as writer:
+                              shared=shared, **self.tuning) as writer:
             if isinstance(payload, bytes):
                 writer.write(payload)
-            elif isinstance(payload, Layout):
+            elif isinstance(payload, (Layout, FilePart)):
                 payload.write_to(writer, self._device_copiers)
             else:
                 save_layout_first(payload, writer, self._device_copiers)
@@ -259,8 +305,12 @@ class FastAioCheckpointEngine(CheckpointEngine):
         save_points.reached("after_file_write")
         if save is None or not path.is_relative_to(save.pending):
             return None
-        return FileRecord(path=path.relative_to(save.pending).as_posix(), bytes=writer.bytes_written,
-                          crc32c=writer.checksum, rank=collectives.rank(), host=self._host)
+        relative = path.relative_to(save.pending).as_posix()
+        if shared:
+            return FileShare(path=relative, file_size=payload.file_size, segments=tuple(writer.segments),
+                             rank=collectives.rank(), host=self._host)
+        return FileRecord(path=relative, bytes=writer.bytes_written, crc32c=writer.checksum,
+                          rank=collectives.rank(), host=self._host)
 
     def load(self, path: str, map_location=None):
         return self._loader.load(Path(path), map_location=map_location)
@@ -379,9 +429,10 @@ class FastAioCheckpointEngine(CheckpointEngine):
         # Not fsynced: if a crash loses the pending directory or its marker, no checkpoint is lost.
         write_pending_marker(save.pending, save.tag, newest_sequence(records), fsync=False)
 
-    def _publish(self, save: SaveInProgress, files: List[FileRecord]) -> None:
+    def _publish(self, save: SaveInProgress, files: List[Union[FileRecord, FileShare]]) -> None:
         if self.node_local:
             files = [record for record in files if record.host == self._host]
+        files = join_shares(files)
         replaced = publish(save, files, fsync=self.options.fsync, changed=self._loader.forget)
         # Committed. What follows only frees space: a failure there is logged and retried by the next save.
         try:

@@ -53,8 +53,16 @@ def bounded_group(timeout_s: float) -> Optional[Any]:
     return _groups[key]
 
 
+def bounded_subgroup(ranks: List[int], timeout_s: float) -> Any:
+    """A gloo group of ``ranks`` whose operations time out after ``timeout_s``.
+
+    Collective like ``bounded_group``: every rank calls it for every subgroup, in the same order, members or not.
+    """
+    return torch.distributed.new_group(ranks=sorted(ranks), backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
 def all_gather_object(obj: Any, group: Optional[Any] = None) -> List[Any]:
-    """``obj`` from every rank, in rank order.
+    """``obj`` from every rank of ``group`` (default: all), in rank order.
 
     Raises:
         CollectiveError: when ``group`` is a bounded group and a rank did not
@@ -62,7 +70,7 @@ def all_gather_object(obj: Any, group: Optional[Any] = None) -> List[Any]:
     """
     if _alone():
         return [obj]
-    gathered = [None] * dist.get_world_size()
+    gathered = [None] * dist.get_world_size(group=group)
     try:
         dist.all_gather_object(gathered, obj, group=group)
     except RuntimeError as error:  # gloo's DistBackendError: a timeout or a peer that closed its connection

@@ -49,6 +49,7 @@ class SaveInProgress:
     failed: Optional[BaseException] = None  # this rank's first error in this save: it is never committed
     snapshot_bytes: int = 0  # host memory this save's snapshots took, for snapshot_max_bytes
     spares: Optional[List[Path]] = None  # the spare directories this rank recycles files from, once looked up
+    replicated: Optional[Path] = None  # the model-states file this rank's writer group writes together
 
     @property
     def final(self) -> Path:

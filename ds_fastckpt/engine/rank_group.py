@@ -1,6 +1,6 @@
 """How the ranks agree on a save: an all-gather with a deadline, and leader actions every rank hears the end of."""
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ds_fastckpt.engine import collectives
 
@@ -18,11 +18,12 @@ class RankGroup:
 
     Args:
         timeout_s: ``commit_timeout_s``, how long a rank waits for the others.
+        group: a bounded group of some of the ranks to talk on instead of all of them (``bounded_subgroup``).
     """
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, timeout_s: float, group: Optional[Any] = None):
         self.timeout_s = timeout_s
-        self._group = collectives.bounded_group(timeout_s)
+        self._group = collectives.bounded_group(timeout_s) if group is None else group
 
     def gather(self, obj: Any, failure: str) -> list:
         """``obj`` from every rank, in rank order.

@@ -20,6 +20,9 @@ import functools
 import inspect
 import logging
 from pathlib import Path
+from typing import List, Optional
+
+import torch.distributed
 
 import deepspeed.runtime.engine as ds_engine_module
 from deepspeed.runtime.engine import DeepSpeedEngine
@@ -47,8 +50,11 @@ def install() -> None:
         DeepSpeedEngine.destroy = _hook_destroy(DeepSpeedEngine.destroy)
 
 
-def create_engine(config_params):
+def create_engine(config_params, groups=None, zero_stage: int = 0, has_moe_layers: bool = False):
     """Our engine when ``checkpoint.engine`` is ``"fast_aio"``, None for DeepSpeed's own choice.
+
+    ``groups``, ``zero_stage`` and ``has_moe_layers`` are what DeepSpeed hands
+    ``create_checkpoint_engine``; they decide whether ``parallel_writers`` applies.
 
     Raises:
         ConfigError: for an unknown engine name or a bad ``fast_aio`` / ``aio`` value.
@@ -62,7 +68,36 @@ def create_engine(config_params):
     options = parse_fast_aio(section)
     tuning = aio_tuning(getattr(config_params, "aio_config", None) or {})
     node_local = bool(config_params.checkpoint_config.get("use_node_local_storage", False))
-    return FastAioCheckpointEngine(config_params, options, tuning, node_local=node_local)
+    data_parallel_ranks = _parallel_writer_ranks(options.parallel_writers, node_local, groups, zero_stage,
+                                                 has_moe_layers)
+    return FastAioCheckpointEngine(config_params, options, tuning, node_local=node_local,
+                                   data_parallel_ranks=data_parallel_ranks)
+
+
+def _parallel_writer_ranks(mode: str, node_local: bool, groups, zero_stage: int,
+                           has_moe_layers: bool) -> Optional[List[int]]:
+    """This rank's data-parallel group when ``parallel_writers`` applies; None when every file has one writer.
+
+    Raises:
+        ConfigError: for ``"all"`` with node-local storage.
+    """
+    if mode == "off":
+        return None
+    if mode == "all" and node_local:
+        raise ConfigError("checkpoint.fast_aio.parallel_writers='all' writes one copy of the model states from "
+                          "ranks on every host, but checkpoint.use_node_local_storage keeps a copy on each host: "
+                          "use 'node' (the ranks of each host write that host's copy) or 'off'")
+    if zero_stage >= 3:
+        logger.info("parallel_writers=%r changes nothing with ZeRO stage 3: every rank saves its own model states "
+                    "already", mode)
+        return None
+    if has_moe_layers:
+        logger.warning("parallel_writers=%r is not used with MoE layers (DeepSpeed picks expert-file writers by the "
+                       "same rule); every file has one writer", mode)
+        return None
+    if groups is None or not torch.distributed.is_initialized():
+        return None
+    return torch.distributed.get_process_group_ranks(groups._get_sequence_data_parallel_group())
 
 
 def _mark(function):
@@ -74,7 +109,8 @@ def _hook_create(original):
 
     @functools.wraps(original)
     def create_checkpoint_engine(config_params, *args, **kwargs):
-        engine = create_engine(config_params) if config_params is not None else None
+        parallelism = {name: kwargs[name] for name in ("groups", "zero_stage", "has_moe_layers") if name in kwargs}
+        engine = create_engine(config_params, **parallelism) if config_params is not None else None
         return engine if engine is not None else original(config_params, *args, **kwargs)
 
     return _mark(create_checkpoint_engine)
@@ -98,8 +134,12 @@ def _hook_save(original):
         if bound is None:
             return original(self, *args, **kwargs)
         tag = bound.arguments["tag"]
-        validate_tag(f"global_step{self.global_steps}" if tag is None else tag)
-        self.checkpoint_engine.prepare_save(step=self.global_steps, save_latest=bound.arguments["save_latest"])
+        tag = validate_tag(f"global_step{self.global_steps}" if tag is None else tag)
+        replicated = None
+        if self.checkpoint_engine.writes_in_parallel:  # the model-states file every data-parallel rank saves
+            replicated = self._get_ckpt_name(bound.arguments["save_dir"], tag)
+        self.checkpoint_engine.prepare_save(step=self.global_steps, save_latest=bound.arguments["save_latest"],
+                                            replicated=replicated)
         bound.arguments["save_latest"] = False  # the engine writes it, atomically, in commit()
         try:
             return original(*bound.args, **bound.kwargs)

@@ -25,9 +25,10 @@ skip_data leaves out: with torch's CRC32 on, the engine uses plain
 ``torch.save`` (see ``layout_first_supported``).
 """
 
+import bisect
 import io
 import pickle
-from typing import Dict, Iterator, List, Optional, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch.serialization import DEFAULT_PROTOCOL, get_crc32_options
@@ -87,6 +88,38 @@ class Layout:
             torch.get_device_module(device).current_stream(device).synchronize()
         return Layout(copies)
 
+    @property
+    def file_size(self) -> int:
+        return sum(_length(piece) for piece in self.pieces)
+
+    def storage_ranges(self, storages: List[torch.UntypedStorage]) -> List[Tuple[int, int]]:
+        """``[start, end)`` in the file of each of ``storages`` (the same storages, not copies), in their order."""
+        starts, offset = {}, 0
+        for piece in self.pieces:
+            if not isinstance(piece, bytes):
+                starts[piece._cdata] = offset
+            offset += _length(piece)
+        return [(starts[storage._cdata], starts[storage._cdata] + storage.nbytes()) for storage in storages]
+
+    def part_without(self, ranges: List[Tuple[int, int]]) -> "FilePart":
+        """The file's bytes outside ``ranges`` (sorted, not overlapping): what is left for one writer."""
+        pieces, offset, first_gap = [], 0, 0
+        for piece in self.pieces:
+            end = offset + _length(piece)
+            while first_gap < len(ranges) and ranges[first_gap][1] <= offset:
+                first_gap += 1
+            position = offset
+            for gap_start, gap_end in ranges[first_gap:]:
+                if gap_start >= end:
+                    break
+                if gap_start > position:
+                    pieces.append((position, _slice(piece, position - offset, gap_start - offset)))
+                position = max(position, gap_end)
+            if position < end:
+                pieces.append((position, _slice(piece, position - offset, end - offset)))
+            offset = end
+        return FilePart(pieces, self.file_size)
+
     def write_to(self, writer: io.RawIOBase,
                  device_copiers: Optional[Dict[torch.device, "DeviceCopier"]] = None) -> None:
         """Writes the file to ``writer``: each storage from its own memory, no serializer copy.
@@ -101,14 +134,79 @@ class Layout:
         """
         copiers = {} if device_copiers is None else device_copiers
         for piece in self.pieces:
-            if isinstance(piece, bytes):
-                writer.write(piece)
-            elif piece.device.type == "cpu":
-                writer.write(_bytes_of(piece).numpy())
-            else:
-                if piece.device not in copiers:
-                    copiers[piece.device] = DeviceCopier(piece.device)
-                copiers[piece.device].write(piece, writer)
+            _write_piece(piece if isinstance(piece, bytes) else _bytes_of(piece), writer, copiers)
+
+
+class FilePart:
+    """The part of a file one of several writers writes: pieces at their file offsets, in order; the bytes
+    between them are other writers' (``parallel_writers``).
+
+    Args:
+        pieces: ``(offset, bytes or uint8 tensor)`` in file order, not overlapping.
+        file_size: the size of the whole file.
+    """
+
+    def __init__(self, pieces: List[Tuple[int, Union[bytes, torch.Tensor]]], file_size: int):
+        self.pieces = pieces
+        self.file_size = file_size
+
+    @classmethod
+    def of_storages(cls, storages: List[torch.UntypedStorage], starts: List[int], ranges: List[Tuple[int, int]],
+                    file_size: int) -> "FilePart":
+        """The bytes of ``ranges`` from ``storages``, storage i lying at file offset ``starts[i]``.
+
+        Raises:
+            ValueError: for a range not inside one storage.
+        """
+        pieces = []
+        for start, end in ranges:
+            index = bisect.bisect_right(starts, start) - 1
+            if index < 0 or end > starts[index] + storages[index].nbytes():
+                raise ValueError(f"bytes {start}-{end} of the file are not inside one storage")
+            pieces.append((start, _bytes_of(storages[index])[start - starts[index]:end - starts[index]]))
+        return cls(pieces, file_size)
+
+    @property
+    def storage_bytes(self) -> int:
+        return sum(piece.numel() for _, piece in self.pieces if not isinstance(piece, bytes))
+
+    def snapshot(self, limit_bytes: int = 0) -> "FilePart":
+        """The same part with its tensor bytes copied to host memory now; see ``Layout.snapshot``."""
+        if limit_bytes and self.storage_bytes > limit_bytes:
+            raise SnapshotTooLargeError(f"a snapshot of {self.storage_bytes} bytes exceeds the limit of "
+                                        f"{limit_bytes} bytes")
+        copies = [(offset, piece if isinstance(piece, bytes) else _host_copy_of_bytes(piece))
+                  for offset, piece in self.pieces]
+        for device in {piece.device for _, piece in self.pieces if not isinstance(piece, bytes)} - {_CPU}:
+            torch.get_device_module(device).current_stream(device).synchronize()
+        return FilePart(copies, self.file_size)
+
+    def write_to(self, writer, device_copiers: Optional[Dict[torch.device, "DeviceCopier"]] = None) -> None:
+        """Writes each piece at its offset through a shared ``AioFileWriter``, skipping what lies between.
+
+        Raises:
+            OSError: from the writer, with errno and path.
+        """
+        copiers = {} if device_copiers is None else device_copiers
+        for offset, piece in self.pieces:
+            if offset > writer.tell():
+                writer.skip(offset - writer.tell())
+            _write_piece(piece, writer, copiers)
+
+
+def parameter_storages(state_dict) -> List[torch.UntypedStorage]:
+    """The storages of the module parameters in a DeepSpeed model-states dict, in save order; buffers left out.
+
+    These are what every data-parallel rank holds identically (buffers, such
+    as batch-norm statistics, and ``client_state`` may differ between ranks).
+    """
+    module = state_dict.get("module") if isinstance(state_dict, dict) else None
+    if not isinstance(module, dict):
+        return []
+    buffers = set(state_dict.get("buffer_names") or ())
+    parameters = {name: value for name, value in module.items()
+                  if name not in buffers and isinstance(value, torch.Tensor)}
+    return [storage for storage in storages_in_save_order(parameters) if storage.nbytes()]
 
 
 def lay_out(obj) -> Layout:
@@ -181,9 +279,9 @@ class DeviceCopier:
         self._stream = self._module.Stream(self.device)
         self._blocks = [torch.empty(block_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
 
-    def write(self, storage: torch.UntypedStorage, writer: io.RawIOBase) -> None:
-        """Writes ``storage``'s bytes to ``writer``; returns when the writer has taken the last block."""
-        source = _bytes_of(storage)
+    def write(self, source: torch.Tensor, writer: io.RawIOBase) -> None:
+        """Writes the bytes of ``source`` (uint8, on the device) to ``writer``; returns when the writer has taken
+        the last block."""
         block_bytes = self._blocks[0].numel()
         # The side stream must see every kernel the training stream queued that writes this storage.
         self._stream.wait_stream(self._module.current_stream(self.device))
@@ -270,13 +368,42 @@ class _Discard:
         return len(data)
 
 
+def _length(piece: Union[bytes, torch.UntypedStorage, torch.Tensor]) -> int:
+    if isinstance(piece, bytes):
+        return len(piece)
+    return piece.numel() if isinstance(piece, torch.Tensor) else piece.nbytes()
+
+
+def _slice(piece: Union[bytes, torch.UntypedStorage], start: int, end: int) -> Union[bytes, torch.Tensor]:
+    return piece[start:end] if isinstance(piece, bytes) else _bytes_of(piece)[start:end]
+
+
+def _write_piece(piece: Union[bytes, torch.Tensor], writer, copiers: Dict[torch.device, "DeviceCopier"]) -> None:
+    """Writes bytes, or a uint8 tensor from its own memory (by DMA through pinned blocks when on a device)."""
+    if isinstance(piece, bytes):
+        writer.write(piece)
+    elif piece.device.type == "cpu":
+        writer.write(piece.numpy())
+    else:
+        if piece.device not in copiers:
+            copiers[piece.device] = DeviceCopier(piece.device)
+        copiers[piece.device].write(piece, writer)
+
+
+def _host_copy_of_bytes(source: torch.Tensor) -> torch.Tensor:
+    """A host copy of a uint8 tensor: pinned and copied by DMA (asynchronously) when it is on a device."""
+    if source.device.type == "cpu":
+        return source.clone()
+    copy = torch.empty(source.numel(), dtype=torch.uint8, pin_memory=True)
+    copy.copy_(source, non_blocking=True)
+    return copy
+
+
 def _host_copy(storage: torch.UntypedStorage) -> torch.UntypedStorage:
     """A host copy of ``storage``: pinned and copied by DMA (asynchronously) for an accelerator storage."""
     if storage.device.type == "cpu":
         return storage.clone()
-    copy = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=True)
-    copy.copy_(_bytes_of(storage), non_blocking=True)
-    return copy.untyped_storage()
+    return _host_copy_of_bytes(_bytes_of(storage)).untyped_storage()
 
 
 def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:

@@ -88,6 +88,10 @@ class AioFileWriter(io.RawIOBase):
             instead of truncating it (what is left past the new end is cut at
             ``close()``): no block allocation, no freeing. Only for a file
             nothing else holds (see ``Storage.take_for_overwrite``).
+        shared: write ranges of a file that another process made and sized
+            and that other writers fill at the same time (data-parallel
+            writers): the file must exist, is never created, truncated or
+            resized, and ``skip()`` passes over the ranges others write.
 
     Raises:
         ValueError: for a size or depth that is not allowed (a ``NotAllowed`` naming the argument).
@@ -102,7 +106,8 @@ class AioFileWriter(io.RawIOBase):
                  block_size: int = DEFAULT_TUNING.block_size,
                  fsync: bool = True,
                  staging: Optional[StagingBuffer] = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False,
+                 shared: bool = False):
         super().__init__()
         self._native = None
         self._busy = threading.Lock()  # held by the one thread inside the op; see _claim
@@ -115,12 +120,16 @@ class AioFileWriter(io.RawIOBase):
         elif io_buffer_size is not None and io_buffer_size != staging.io_buffer_size:
             raise ValueError(f"io_buffer_size={io_buffer_size!r} is not allowed with a staging buffer of "
                              f"{staging.io_buffer_size} bytes per half: leave it out or make them equal")
+        if overwrite and shared:
+            raise ValueError("overwrite=True and shared=True are not allowed together: a shared file is written in "
+                             "place already")
         tuning = check_tuning(block_size=block_size, queue_depth=queue_depth)
         self._staging = staging
         staging.acquire()
         try:
             self._native = load_op().AioWriter(self.name, staging.tensor, staging.io_buffer_size, tuning.block_size,
-                                               tuning.queue_depth, bool(fsync), bool(overwrite))
+                                               tuning.queue_depth, bool(fsync),
+                                               "shared" if shared else "overwrite" if overwrite else "truncate")
         except BaseException:
             staging.release()
             raise
@@ -151,6 +160,31 @@ class AioFileWriter(io.RawIOBase):
             self._busy.release()
         return size
 
+    def skip(self, size: int) -> int:
+        """Moves the position ``size`` bytes forward without writing them (another writer writes them).
+
+        Ends a segment (see ``segments``). Returns the new position.
+
+        Raises:
+            ValueError: when the position or ``size`` is not a multiple of ``DIRECT_ALIGNMENT`` (4096).
+        """
+        self._checkClosed()
+        alignment = load_op().DIRECT_ALIGNMENT
+        position = self.bytes_written
+        if size < 0 or size % alignment or position % alignment:
+            raise ValueError(f"AioFileWriter.skip({size}) at position {position} of {self.name}: the position and "
+                             f"the size must be non-negative multiples of {alignment}")
+        self._claim("skip")
+        try:
+            if self._error is None:
+                try:
+                    self._native.skip(size)
+                except OSError as error:
+                    self._error = error  # the op has already closed the descriptor
+        finally:
+            self._busy.release()
+        return position + size
+
     def flush(self) -> None:
         self._checkClosed()
         if self._error is not None:
@@ -178,7 +212,8 @@ class AioFileWriter(io.RawIOBase):
 
     @property
     def bytes_written(self) -> int:
-        """Bytes accepted so far; after a successful ``close()``, the size of the file."""
+        """The position: bytes accepted and skipped so far; after a successful ``close()`` without skips, the
+        size of the file."""
         self._claim("bytes_written")
         try:
             return self._native.bytes_written
@@ -187,7 +222,7 @@ class AioFileWriter(io.RawIOBase):
 
     @property
     def checksum(self) -> int:
-        """CRC-32C of every byte of the file, computed on the way to disk.
+        """CRC-32C of every byte written (the whole file's when nothing was skipped), computed on the way to disk.
 
         Raises:
             ValueError: before ``close()`` has returned successfully.
@@ -195,6 +230,17 @@ class AioFileWriter(io.RawIOBase):
         if not self._finished:
             raise ValueError(f"the checksum of {self.name} is known only after a successful close()")
         return self._native.checksum
+
+    @property
+    def segments(self):
+        """``(offset, length, crc32c)`` of each run of bytes written between skips, in file order.
+
+        Raises:
+            ValueError: before ``close()`` has returned successfully.
+        """
+        if not self._finished:
+            raise ValueError(f"the segments of {self.name} are known only after a successful close()")
+        return [tuple(segment) for segment in self._native.segments]
 
     def __exit__(self, exc_type, exc, traceback):
         if exc_type is None:

@@ -250,6 +250,17 @@ class Storage(abc.ABC):
         """
         return False
 
+    @abc.abstractmethod
+    def make_sized_file(self, path: PathLike, size: int, *, keep_blocks: bool = False) -> None:
+        """Makes the regular file ``path`` exactly ``size`` bytes long, for several writers to fill in place.
+
+        A new file is sparse. ``keep_blocks`` keeps what an existing file holds (its blocks are written over,
+        see ``take_for_overwrite``); otherwise an existing file is emptied first. A symlink is never followed.
+
+        Raises:
+            OSError: with errno and path (ELOOP for a symlink).
+        """
+
     def exists(self, path: PathLike) -> bool:
         """Whether an entry is at ``path`` (a dangling symlink counts); False when it cannot be looked at."""
         try:

@@ -127,6 +127,16 @@ class PosixStorage(Storage):
         os.rename(source, destination)
         return True
 
+    def make_sized_file(self, path: PathLike, size: int, *, keep_blocks: bool = False) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if keep_blocks else os.O_TRUNC)
+        fd = os.open(path, flags, 0o666)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as error:
+            raise OSError(error.errno, f"{error.strerror} (ftruncate to {size} bytes)", str(path)) from None
+        finally:
+            os.close(fd)
+
     def entry_kind(self, path: PathLike) -> Optional[EntryKind]:
         try:
             mode = os.lstat(path).st_mode

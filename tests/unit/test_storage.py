@@ -297,6 +297,9 @@ class RecordingStorage(Storage):
     def entry_kind(self, path):
         return self._call("entry_kind", path)
 
+    def make_sized_file(self, path, size, *, keep_blocks=False):
+        return self._call("make_sized_file", path, size, keep_blocks=keep_blocks)
+
     def subdirectories(self, path):
         return self._call("subdirectories", path)
 
