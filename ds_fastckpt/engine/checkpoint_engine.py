@@ -31,8 +31,7 @@ from ds_fastckpt.format.manifest import FileRecord, write_pending_marker
 from ds_fastckpt.format.names import pending_path
 from ds_fastckpt.format.records import CheckpointRecord, newest_sequence
 from ds_fastckpt.format.tags import InvalidTagError, validate_tag
-from ds_fastckpt.native.layout_save import (DeviceCopier, FilePart, Layout, SnapshotTooLargeError,
-                                            save_layout_first)
+from ds_fastckpt.native.layout_save import DeviceCopier, FilePart, Layout, SnapshotTooLargeError, save_layout_first
 from ds_fastckpt.native.op import load_op
 from ds_fastckpt.native.staging import StagingBuffer
 from ds_fastckpt.native.writer import AioFileWriter, torch_zip_crc32

@@ -22,9 +22,8 @@ import logging
 from pathlib import Path
 from typing import List, Optional
 
-import torch.distributed
-
 import deepspeed.runtime.engine as ds_engine_module
+import torch.distributed
 from deepspeed.runtime.engine import DeepSpeedEngine
 
 from ds_fastckpt.decisions.resume import SKIP_OPTION

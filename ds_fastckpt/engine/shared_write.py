@@ -27,7 +27,7 @@ is byte for byte the one the leader alone would write.
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Tuple, Union
 
 from ds_fastckpt.decisions.shares import joined_crc32c, split_shares
 from ds_fastckpt.engine import collectives
