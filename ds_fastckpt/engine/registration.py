@@ -66,7 +66,7 @@ def create_engine(config_params, groups=None, zero_stage: int = 0, has_moe_layer
                           "with checkpoint.engine='fast_aio': remove one of them")
     options = parse_fast_aio(section)
     tuning = aio_tuning(getattr(config_params, "aio_config", None) or {})
-    node_local = bool(config_params.checkpoint_config.get("use_node_local_storage", False))
+    node_local = bool(getattr(config_params, "use_node_local_storage", False))  # not in checkpoint_config
     data_parallel_ranks = _parallel_writer_ranks(options.parallel_writers, node_local, groups, zero_stage,
                                                  has_moe_layers)
     return FastAioCheckpointEngine(config_params, options, tuning, node_local=node_local,
