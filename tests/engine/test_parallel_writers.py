@@ -1,0 +1,75 @@
+"""``parallel_writers`` on 2 ranks (torchrun, gloo on CPU, ZeRO-1): both ranks write the model-states file
+together, byte for byte what one writer writes, with the balance of bytes written read from /proc/self/io."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel_writers")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0",
+                             str(REPO / "tests" / "engine" / "parallel_worker.py"), str(out)],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)], out
+
+
+def balance(reports, mode: str, save: int) -> float:
+    written = [report[mode]["written"][save] for report in reports]
+    return min(written) / max(written)
+
+
+@pytest.mark.parametrize("mode", ["all", "all_async"])
+def test_both_ranks_write_a_balanced_share(reports, mode):
+    for save in range(3):
+        assert balance(reports[0], mode, save) >= 0.8, [report[mode]["written"] for report in reports[0]]
+    assert all(report[mode]["writes_in_parallel"] for report in reports[0])
+
+
+def test_one_writer_is_unbalanced_in_the_same_run(reports):
+    """The control: without parallel writers rank 0 writes the model states alone."""
+    assert not any(report["off"]["writes_in_parallel"] for report in reports[0])
+    for save in range(3):
+        assert balance(reports[0], "off", save) < 0.7
+
+
+@pytest.mark.parametrize("mode", ["off", "all", "all_async"])
+def test_the_file_is_what_one_writer_writes_and_its_record_matches(reports, mode):
+    rank0 = reports[0][0][mode]
+    assert rank0["identical"] == [True, True, True]  # torch.save of the same state, in the same process
+    assert rank0["record"]["bytes"] == rank0["size"] > 2_000_000
+    assert rank0["record"]["crc32c"] == rank0["crc32c"]  # joined from both ranks' runs, nothing read back
+    assert rank0["record"]["rank"] == 0
+
+
+@pytest.mark.parametrize("mode", ["off", "all", "all_async"])
+def test_resume_is_bit_exact_on_both_ranks_and_the_spare_was_written_over(reports, mode):
+    for report in reports[0]:
+        assert report[mode]["resumed_exactly"], report["rank"]
+        assert Path(report[mode]["load_path"]).parent.name == "global_step3"
+        assert report[mode]["recycled"], report["rank"]
+
+
+def test_a_failing_share_fails_the_save_on_every_rank(reports):
+    rank0, rank1 = (report["failing_share"] for report in reports[0])
+    assert rank1["raised"]["type"] == "OSError" and rank1["raised"]["errno"] == 5
+    assert f".global_step2.ds_fastckpt-tmp/{MODEL_STATES}" in rank1["raised"]["message"]
+    assert rank0["raised"]["type"] == "CommitError"
+    assert "checkpoint 'global_step2' was not committed: rank 1: OSError: [Errno 5]" in rank0["raised"]["message"]
+    for result in (rank0, rank1):
+        assert result["latest_after_failure"] == "global_step1"
+        assert result["latest_after_next"] == "global_step3"
+    assert rank0["dirs"] == ["global_step1", "global_step3"]
