@@ -33,6 +33,21 @@ def test_bad_fast_aio_values(fast_aio, message):
         init_engine(1, fast_aio)
 
 
+def test_parallel_writers_all_with_node_local_storage_is_refused():
+    with pytest.raises(ConfigError, match="parallel_writers='all' writes one copy of the model states from ranks on "
+                       "every host, but checkpoint.use_node_local_storage keeps a copy on each host: use 'node'"):
+        init_engine(1, checkpoint={"engine": "fast_aio", "use_node_local_storage": True,
+                                   "fast_aio": {"parallel_writers": "all"}})
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_parallel_writers_on_one_rank_leave_deepspeed_s_writer_choice(stage):
+    """Alone there is no one to share with: rank 0 saves the model states, as DeepSpeed decides."""
+    engine = init_engine(stage, {"parallel_writers": "all"})
+    assert not engine.checkpoint_engine.writes_in_parallel
+    assert engine.save_non_zero_checkpoint
+
+
 def test_unknown_engine_name():
     with pytest.raises(ConfigError, match="checkpoint.engine='fastaio' is not allowed: use one of 'fast_aio', 'torch'"):
         init_engine(1, {}, engine="fastaio")

@@ -389,3 +389,57 @@ def test_write_error_is_an_os_error_with_errno_and_path(tmp_path, size):
     assert raised.value.filename == str(path)
     assert writer.closed
     assert open_fds_under(tmp_path) == []
+
+
+def model_states(width: int = 700):
+    """A DeepSpeed model-states dict: parameters, a batch-norm buffer, and rank-specific client state."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(33, width), torch.nn.BatchNorm1d(width), torch.nn.Linear(width, 9))
+    return {"module": model.state_dict(), "buffer_names": ["1.running_mean", "1.running_var",
+                                                           "1.num_batches_tracked"],
+            "client_rng": torch.arange(5000), "global_steps": 3}
+
+
+def test_parameter_storages_are_the_module_parameters_in_save_order():
+    state = model_states()
+    module = state["module"]
+    expected = [module[name].untyped_storage() for name in ("0.weight", "0.bias", "1.weight", "1.bias",
+                                                           "2.weight", "2.bias")]
+    assert [storage.data_ptr() for storage in layout_save.parameter_storages(state)] == \
+        [storage.data_ptr() for storage in expected]
+    assert layout_save.parameter_storages({"module": None}) == []
+    assert layout_save.parameter_storages([1, 2]) == []
+
+
+@pytest.mark.parametrize("writers", [1, 2, 3])
+def test_parts_written_by_several_writers_make_torch_save_s_file(ext4_dir, writers):
+    """The leader's part of its layout and the others' parts of copies of the parameters: torch.save's bytes."""
+    from ds_fastckpt.decisions.shares import split_shares
+
+    state = model_states()
+    layout = lay_out(state)
+    parameters = layout_save.parameter_storages(state)
+    ranges = layout.storage_ranges(parameters)
+    shares = split_shares(layout.file_size, ranges, writers)
+    copies = [storage.clone() for storage in parameters]  # another rank's identical parameters
+    parts = [layout.part_without(sorted(span for share in shares[1:] for span in share))]
+    parts += [layout_save.FilePart.of_storages(copies, [start for start, _ in ranges], share, layout.file_size)
+              for share in shares[1:]]
+    path = ext4_dir / "shared.pt"
+    with open(path, "wb") as file:
+        file.truncate(layout.file_size)
+    for part in parts:
+        with AioFileWriter(path, shared=True, **SMALL) as writer:
+            part.snapshot().write_to(writer)
+    assert path.read_bytes() == torch_save_bytes(state)
+    assert sum(part.storage_bytes for part in parts[1:]) == sum(end - start for share in shares[1:]
+                                                                for start, end in share)
+
+
+def test_a_range_outside_one_storage_is_refused():
+    storages = [torch.zeros(8192, dtype=torch.uint8).untyped_storage()]
+    assert layout_save.FilePart.of_storages(storages, [4096], [(4096, 12288)], 20000).storage_bytes == 8192
+    for outside in [(4096, 16384), (0, 4096)]:
+        with pytest.raises(ValueError, match=f"bytes {outside[0]}-{outside[1]} of the file are not inside one "
+                           "storage"):
+            layout_save.FilePart.of_storages(storages, [4096], [outside], 20000)

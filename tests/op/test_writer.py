@@ -259,3 +259,77 @@ def test_without_overwrite_an_existing_file_gets_new_blocks(ext4_dir):
         writer.write(b"b" * (1 << 20))
     assert path.read_bytes() == b"b" * (1 << 20)
     assert physical_extents(path)[0][1] != old_extents[0][1]
+
+
+def make_sized(path, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.ftruncate(fd, size)
+    os.close(fd)
+
+
+@pytest.mark.parametrize("size", [3 * HALF + 1, 5 * HALF, 4096 * 7 + 5])
+def test_shared_writers_fill_one_file_and_their_runs_join_to_its_crc(ext4_dir, size):
+    """Three writers, each at the ranges it owns and skipping the others': the file is the payload exactly."""
+    payload = os.urandom(size)
+    path = ext4_dir / "shared.bin"
+    make_sized(path, size)
+    cuts = [0, 4096, 3 * 4096, size]  # the last writer writes the unaligned tail
+    runs = []
+    for start, end in zip(cuts, cuts[1:]):
+        with AioFileWriter(path, shared=True, **SMALL) as writer:
+            if start:
+                assert writer.skip(start) == start
+            writer.write(payload[start:end])
+        assert [(offset, length) for offset, length, _ in writer.segments] == [(start, end - start)]
+        runs += writer.segments
+    assert path.read_bytes() == payload  # also the size: the tail's block padding was cut
+    crc = 0
+    for _, length, run_crc in sorted(runs):
+        crc = load_op().crc32c_combine(crc, run_crc, length)
+    assert crc == load_op().crc32c(payload)
+
+
+def test_one_writer_skipping_a_middle_range_reports_two_runs(ext4_dir):
+    payload = os.urandom(6 * 4096 + 9)
+    path = ext4_dir / "holes.bin"
+    make_sized(path, len(payload))
+    with AioFileWriter(path, shared=True, **SMALL) as writer:
+        writer.write(payload[:8192])
+        writer.skip(4096 * 3)
+        writer.write(payload[4096 * 5:])
+    op = load_op()
+    assert writer.segments == [(0, 8192, op.crc32c(payload[:8192])),
+                               (4096 * 5, len(payload) - 4096 * 5, op.crc32c(payload[4096 * 5:]))]
+    data = path.read_bytes()
+    assert len(data) == len(payload) and data[:8192] == payload[:8192] and data[4096 * 5:] == payload[4096 * 5:]
+    assert data[8192:4096 * 5] == bytes(4096 * 3)  # what nobody wrote is still a hole
+
+
+@pytest.mark.parametrize("written, skipped", [(100, 4096), (4096, 100), (0, 4095)])
+def test_skip_from_or_over_a_partial_block_is_refused(ext4_dir, written, skipped):
+    path = ext4_dir / "misaligned.bin"
+    make_sized(path, 1 << 16)
+    with AioFileWriter(path, shared=True, **SMALL) as writer:
+        writer.write(bytes(written))
+        with pytest.raises(ValueError, match=f"skip\\({skipped}\\) at position {written} of .*misaligned.bin: the "
+                           "position and the size must be non-negative multiples of 4096"):
+            writer.skip(skipped)
+
+
+def test_shared_writer_needs_the_file_and_never_grows_it(ext4_dir):
+    with pytest.raises(FileNotFoundError) as raised:
+        AioFileWriter(ext4_dir / "missing.bin", shared=True, **SMALL)
+    assert raised.value.filename == str(ext4_dir / "missing.bin")
+    path = ext4_dir / "small.bin"
+    make_sized(path, 4096)
+    writer = AioFileWriter(path, shared=True, **SMALL)
+    writer.write(bytes(4097))
+    with pytest.raises(OSError) as raised:
+        writer.close()
+    assert raised.value.errno == 27 and "wrote up to byte 4097 of a shared file of 4096 bytes" in str(raised.value)
+    assert path.stat().st_size == 4096
+
+
+def test_shared_and_overwrite_together_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="overwrite=True and shared=True are not allowed together"):
+        AioFileWriter(tmp_path / "f.bin", shared=True, overwrite=True)

@@ -1,5 +1,6 @@
 """A 2-rank training job for the two-rank kill sweep, run under torchrun (ZeRO-2, so each rank saves its own
-optimizer partition): resumes from SAVE_DIR, reports what it loaded, then trains and saves every step.
+optimizer partition, and ``parallel_writers: "all"``, so both write shares of the model-states file): resumes
+from SAVE_DIR, reports what it loaded, then trains and saves every step.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/reliability/kill_child_two_ranks.py \
         SAVE_DIR LOG_DIR REPORT_DIR POINT HIT KILL_RANK STEPS
@@ -56,7 +57,7 @@ def main():
     point, hit, kill_rank, steps = sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
     rank = int(os.environ["RANK"])
     log = log_dir / f"rank{rank}.log"
-    engine = init_engine(2, {"keep_last": 2}, width=256)
+    engine = init_engine(2, {"keep_last": 2, "parallel_writers": "all"}, width=256)
     load_path, _ = engine.load_checkpoint(save_dir)
     report = {"pid": os.getpid(), "load_path": load_path, "step": engine.global_steps, "digest": digest(engine)}
     # Renamed into place: the parent starts its random-moment clock when both reports exist, whole.

@@ -3,8 +3,10 @@
     RANK=r WORLD_SIZE=2 MASTER_ADDR=... MASTER_PORT=... python rank_failure_worker.py SAVE_DIR OUT MODE
 
 MODE "kill" or "stop": save global_step1, train a step, then save again;
-rank 1 SIGKILLs or SIGSTOPs itself right after writing its file of that save,
-and rank 0 writes what its save_checkpoint raised to OUT/rank0.json. MODE
+rank 1 SIGKILLs or SIGSTOPs itself right after writing its first file of that
+save (killed: its share of the model-states file, as both ranks write it with
+``parallel_writers: "all"``; stopped: its optimizer partition, with one writer
+per file), and rank 0 writes what its save_checkpoint raised to OUT/rank0.json. MODE
 "resume": load the newest checkpoint, compare with what the first job saved,
 save once more, and write OUT/resume_rank<r>.json.
 """
@@ -64,7 +66,9 @@ def resume(engine, save_dir: Path, out: Path, rank: int) -> None:
 def main():
     save_dir, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     rank = int(os.environ["RANK"])
-    engine = init_engine(2, {"keep_last": 2, "commit_timeout_s": COMMIT_TIMEOUT_S})
+    parallel_writers = "all" if mode in ("kill", "resume") else "off"
+    engine = init_engine(2, {"keep_last": 2, "commit_timeout_s": COMMIT_TIMEOUT_S,
+                             "parallel_writers": parallel_writers})
     if mode == "resume":
         resume(engine, save_dir, out, rank)
     else:

@@ -1,4 +1,5 @@
-"""SIGKILL a 2-rank training job (torchrun, ZeRO-2: each rank saves its own optimizer partition) at named points
+"""SIGKILL a 2-rank training job (torchrun, ZeRO-2: each rank saves its own optimizer partition, and with
+``parallel_writers: "all"`` both ranks write shares of the model-states file) at named points
 of a save and at random moments; every rank must resume exactly the state saved at the step it resumes, never
 a partial checkpoint, and once a save has completed there must always be a complete checkpoint, no older than
 the newest save that returned.
@@ -6,8 +7,8 @@ the newest save that returned.
 ``make test`` runs 8 kills (DS_FASTCKPT_TWO_RANK_KILLS): 6 at the named save points, one each, and 2 at
 random moments; ``make test-long`` runs 40: 30 named, 5 at each point, and 10 random. Each kill costs a
 torchrun job of 10-20 s on 2 cores, mostly imports, so 8 kills take about 2 minutes. Of every 4 kills, 3 hit
-the named points in turn on the rank that reaches them (rank 1 for the file points, writing its optimizer
-partition; rank 0, the storage leader, for the commit points), which SIGKILLs itself there and torchrun tears
+the named points in turn on the rank that reaches them (rank 1 for the file points, at hit 1-3: its share of
+the model-states file or its optimizer partition, which it writes in turn; rank 0, the storage leader, for the commit points), which SIGKILLs itself there and torchrun tears
 the other rank down; the 4th SIGKILLs torchrun and both ranks a random moment after they have resumed.
 Every job resumes from what the previous kill left, so job k+1 checks kill k; one more job only resumes,
 to check the last kill.
@@ -28,7 +29,7 @@ from ds_fastckpt.format.records import complete_checkpoints, scan
 
 KILLS = int(os.environ.get("DS_FASTCKPT_TWO_RANK_KILLS", "8"))
 STEPS_PER_JOB = 6
-FILE_POINTS = ("before_file_close", "after_file_write")  # reached on rank 1 as it writes its optimizer partition
+FILE_POINTS = ("before_file_close", "after_file_write")  # reached on rank 1 as it writes its share or partition
 JOB_TIMEOUT_S = 300  # a job takes 10-20 s; only a hang gets near this
 CHILD = Path(__file__).resolve().parent / "kill_child_two_ranks.py"
 REPO = Path(__file__).resolve().parents[2]

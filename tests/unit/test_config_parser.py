@@ -40,6 +40,7 @@ TABLE = {
                         SECONDS),
     "snapshot_max_bytes": ([0, 1, 1 << 40], [-1, 1.5, "1GiB", True, None], "an integer >= 0 (0 sets no limit)"),
     "commit_timeout_s": ([1, 2.5, 1800], [0, -1800, math.nan, math.inf, "1800", False, [1]], SECONDS),
+    "parallel_writers": (["off", "all", "node"], ["ALL", "dp", "", True, None, 2], "one of 'off', 'all', 'node'"),
 }
 TABLE.update({key: ([True, False], ["true", "yes", 1, 0, None, "auto"], BOOL) for key in BOOL_KEYS})
 
@@ -106,7 +107,7 @@ def test_unknown_keys_are_named_with_the_allowed_ones(section, unknown):
     assert str(raised.value) == (
         f"checkpoint.fast_aio has unknown key(s) {unknown}: allowed keys are keep_last, keep_every, fsync, verify, "
         f"fd_audit, io_buffer_size, torch_crc32, trusted_pickles, skip_damaged_on_resume, background_delete, "
-        f"recycle_retired, async, snapshot, snapshot_max_bytes, async_timeout_s, commit_timeout_s")
+        f"recycle_retired, parallel_writers, async, snapshot, snapshot_max_bytes, async_timeout_s, commit_timeout_s")
 
 
 @pytest.mark.parametrize("section", [[1, 2], "fast", 3, True, ("keep_last", 1)])
