@@ -38,8 +38,8 @@ def main():
     import torch.distributed as dist
 
     import ds_fastckpt  # noqa: F401  (the import is the wiring)
-    from tests.engine.parallel_worker import WIDTH, capture_single_writer_bytes, same_state, write_bytes
     from tests.ds_helpers import ds_config, full_state, make_model, train
+    from tests.engine.parallel_worker import WIDTH, capture_single_writer_bytes, same_state, write_bytes
 
     def engine(fast_aio, seed=0):
         config = ds_config(1, fast_aio)
