@@ -144,7 +144,8 @@ class Methods:
 
 
 def add_fast_aio(methods: Methods, state: dict, device: torch.device, pool) -> None:
-    from ds_fastckpt.native.layout_save import DeviceCopier, lay_out, save_layout_first
+    from ds_fastckpt.native.device_copy import DeviceCopier
+    from ds_fastckpt.native.layout_save import lay_out, save_layout_first
     from ds_fastckpt.native.op import load_op
     from ds_fastckpt.native.staging import StagingBuffer
     from ds_fastckpt.native.tuning import DEFAULT_IO_BUFFER_SIZE

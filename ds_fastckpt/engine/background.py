@@ -12,7 +12,8 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 
-from ds_fastckpt.native.layout_save import FilePart, Layout, SnapshotTooLargeError, lay_out, layout_first_supported
+from ds_fastckpt.native.file_part import FilePart, SnapshotTooLargeError
+from ds_fastckpt.native.layout_save import Layout, lay_out, layout_first_supported
 
 THREAD_NAME = "ds_fastckpt-writer"
 REMOVER_THREAD_NAME = "ds_fastckpt-remover"

@@ -10,10 +10,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
-from ds_fastckpt import storage
 from ds_fastckpt.decisions.deleter import delete_checkpoint
-from ds_fastckpt.decisions.disk_guard import ensure_space
-from ds_fastckpt.decisions.fd_audit import FdLeakError, leak_message, leaked_fds
 from ds_fastckpt.decisions.resume import choose_resume_tag
 from ds_fastckpt.decisions.retention import policy_from_config
 from ds_fastckpt.decisions.rotation import Rotation
@@ -21,17 +18,21 @@ from ds_fastckpt.engine import collectives, in_flight
 from ds_fastckpt.engine.background import REMOVER_THREAD_NAME, BackgroundWriter, snapshot, wait_for
 from ds_fastckpt.engine.commit import SaveInProgress, publish
 from ds_fastckpt.engine.config import FastAioConfig
+from ds_fastckpt.engine.pending import prepare_pending
+from ds_fastckpt.engine.rank_fd_audit import audit_fds
 from ds_fastckpt.engine.rank_group import CommitError, RankGroup
 from ds_fastckpt.engine.shared_write import FileShare, join_shares, plan_share
 from ds_fastckpt.engine.verified_load import VerifiedLoader
 from ds_fastckpt.engine.writer_groups import WriterGroup, form_writer_group
 from ds_fastckpt.faults import save_points
 from ds_fastckpt.format import save_dir_lock
-from ds_fastckpt.format.manifest import FileRecord, write_pending_marker
+from ds_fastckpt.format.manifest import FileRecord
 from ds_fastckpt.format.names import pending_path
-from ds_fastckpt.format.records import CheckpointRecord, newest_sequence
-from ds_fastckpt.format.tags import InvalidTagError, validate_tag
-from ds_fastckpt.native.layout_save import DeviceCopier, FilePart, Layout, SnapshotTooLargeError, save_layout_first
+from ds_fastckpt.format.records import CheckpointRecord
+from ds_fastckpt.format.tags import validate_tag
+from ds_fastckpt.native.device_copy import DeviceCopier
+from ds_fastckpt.native.file_part import FilePart, SnapshotTooLargeError
+from ds_fastckpt.native.layout_save import Layout, save_layout_first
 from ds_fastckpt.native.op import load_op
 from ds_fastckpt.native.staging import StagingBuffer
 from ds_fastckpt.native.writer import AioFileWriter, torch_zip_crc32
@@ -167,10 +168,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         return self._writers is not None
 
     def is_data_parallel_writer(self, dp_rank):
-        """DeepSpeed asks this once, at initialization, to decide which ranks save the model-states file.
-
-        Every member of a writer group says yes, and they write it together; otherwise DeepSpeed's answer.
-        """
+        """Asked at initialization: does this rank save the model-states file? Yes in a writer group."""
         return self._writers is not None or dp_rank == 0
 
     def is_decoupled(self):
@@ -221,7 +219,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
         save = SaveInProgress(save_dir, tag, pending_path(save_dir, tag), self._next_step, self._next_save_latest,
                               replicated=self._next_replicated)
         self._next_step, self._next_save_latest, self._next_replicated = None, True, None
-        self._on_leader(lambda: self._prepare_pending(save, abandoned), f"checkpoint {tag!r} cannot start")
+        self._on_leader(lambda: prepare_pending(save, abandoned, self._rotation, self._lock),
+                        f"checkpoint {tag!r} cannot start")
         self._save = save
 
     def makedirs(self, path, exist_ok=False):
@@ -260,14 +259,11 @@ class FastAioCheckpointEngine(CheckpointEngine):
 
     def _plan_share(self, state_dict, target: Path, save: SaveInProgress):
         """This rank's part of the replicated file (see ``shared_write.plan_share``), or None to write nothing."""
-        def make_file(size: int) -> None:
-            keep_blocks = self.options.recycle_retired and save.take_spare_file(target)
-            storage.storage_for(target).make_sized_file(target, size, keep_blocks=keep_blocks)
-
         try:
             with torch_zip_crc32(self.options.torch_crc32):  # decides whether the file can be laid out first
-                return plan_share(state_dict, self._writers, make_file, f"checkpoint {save.tag!r}, {target.name}",
-                                  taking_part=save.failed is None)
+                return plan_share(state_dict, self._writers,
+                                  lambda size: save.make_shared_file(target, size, self.options.recycle_retired),
+                                  f"checkpoint {save.tag!r}, {target.name}", taking_part=save.failed is None)
         except Exception as error:  # commit() raises it, once every rank has heard, so that none waits for us
             save.failed = save.failed or error
             logger.error("writing %s failed; checkpoint %r will not be committed: %s", target, save.tag, error)
@@ -346,30 +342,9 @@ class FastAioCheckpointEngine(CheckpointEngine):
         files = [record for rank_files, _ in gathered for record in rank_files]
         self._on_leader(lambda: self._publish(save, files), not_committed)
         self._failed_pending = None
-        self._audit_fds(save)
+        audit_fds(save.save_dir, save.tag, self.options.fd_audit, self._ranks, self._rotation.removing(),
+                  self._saved_dirs)
         return True
-
-    def _audit_fds(self, save: SaveInProgress) -> None:
-        """Every rank lists its descriptors into save_dir, and to deleted files wherever it saved before.
-
-        The ranks share what they found, so a leak on one rank fails the save's
-        return on every rank (the checkpoint stays committed) instead of
-        leaving the others waiting for it in DeepSpeed's next collective.
-        """
-        self._saved_dirs.add(os.path.realpath(save.save_dir))
-        if self.options.fd_audit == "off":
-            return
-        found = leaked_fds(save.save_dir, removing=self._rotation.removing(),
-                           expected=save_dir_lock.held_lock_files(), earlier_dirs=self._saved_dirs)
-        when = f"the save of {save.tag!r} and its rotation"
-        mine = f"rank {collectives.rank()}: {leak_message(save.save_dir, when, found)}" if found else None
-        reports = [report for report in self._ranks.gather(mine, f"the fd audit of {save.tag!r}") if report]
-        if not reports:
-            return
-        if self.options.fd_audit == "raise":
-            raise FdLeakError("; ".join(reports))
-        if mine is not None:
-            logger.warning(mine)
 
     def verify_before_load(self, tag_dir: Path) -> None:
         """Checks the files of a manifest-carrying tag dir before DeepSpeed loads it, as ``verify`` says."""
@@ -403,30 +378,6 @@ class FastAioCheckpointEngine(CheckpointEngine):
 
     def _on_leader(self, action, failure: str) -> None:
         self._ranks.on_leader(self.is_storage_leader(), action, failure)
-
-    def _prepare_pending(self, save: SaveInProgress, abandoned: Optional[Path]) -> None:
-        """Leader: lock save_dir, refuse a tag naming what is not ours, drop leftovers, check space, make pending.
-
-        ``abandoned`` is the pending directory of this job's previous save, which failed: no rank
-        writes there any more, and its partial files may hold the space the new save needs.
-        """
-        backend = storage.storage_for(save.save_dir)
-        backend.make_dir(save.save_dir, parents=True, exist_ok=True)
-        self._lock.hold(save.save_dir)
-        records = self._rotation.scan(save.save_dir)
-        final = save.save_dir / save.tag
-        if backend.exists(final) and save.tag not in {record.name for record in records if record.complete}:
-            raise InvalidTagError(f"checkpoint tag {save.tag!r} cannot be saved: {final} exists and is not a "
-                                  "complete ds_fastckpt checkpoint (a file, a link, or a directory this engine did "
-                                  "not write), and it is never replaced or deleted: choose another tag or move it")
-        stale = [record for record in records if record.name in (save.pending.name, getattr(abandoned, "name", None))]
-        for record in stale:
-            delete_checkpoint(save.save_dir, record)
-        records = [record for record in records if record not in stale]
-        ensure_space(save.save_dir, records, lambda: self._rotation.make_room(save.save_dir))
-        backend.make_dir(save.pending)
-        # Not fsynced: if a crash loses the pending directory or its marker, no checkpoint is lost.
-        write_pending_marker(save.pending, save.tag, newest_sequence(records), fsync=False)
 
     def _publish(self, save: SaveInProgress, files: List[Union[FileRecord, FileShare]]) -> None:
         if self.node_local:

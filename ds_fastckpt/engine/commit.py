@@ -74,6 +74,13 @@ class SaveInProgress:
         return any(backend.take_for_overwrite(spare / relative, path) for spare in self.spares)
 
 
+    def make_shared_file(self, path: Path, size: int, recycle: bool) -> None:
+        """Makes ``path`` ``size`` bytes long for its writer group to fill: the spare's file of the same name
+        when ``recycle`` allows and nothing else holds it, else a new sparse file."""
+        keep_blocks = recycle and self.take_spare_file(path)
+        storage.storage_for(path).make_sized_file(path, size, keep_blocks=keep_blocks)
+
+
 def publish(save: SaveInProgress, files: List[FileRecord], *, fsync: bool,
             changed: Callable[[Path], None]) -> Optional[Path]:
     """Commits ``save`` with ``files`` (every rank's records); run on the storage leader only.

@@ -33,7 +33,8 @@ from ds_fastckpt.decisions.shares import joined_crc32c, split_shares
 from ds_fastckpt.engine import collectives
 from ds_fastckpt.engine.writer_groups import WriterGroup
 from ds_fastckpt.format.manifest import FileRecord
-from ds_fastckpt.native.layout_save import FilePart, lay_out, layout_first_supported, parameter_storages
+from ds_fastckpt.native.file_part import FilePart
+from ds_fastckpt.native.layout_save import lay_out, layout_first_supported, parameter_storages
 
 logger = logging.getLogger(__name__)
 

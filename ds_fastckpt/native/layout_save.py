@@ -25,7 +25,6 @@ skip_data leaves out: with torch's CRC32 on, the engine uses plain
 ``torch.save`` (see ``layout_first_supported``).
 """
 
-import bisect
 import io
 import pickle
 from typing import Dict, Iterator, List, Optional, Tuple, Union
@@ -33,18 +32,14 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch.serialization import DEFAULT_PROTOCOL, get_crc32_options
 
-# Bytes per block of an accelerator storage in flight to pinned memory: two blocks alternate, one being copied
-# while the other is written.
-DEVICE_BLOCK_BYTES = 16 << 20
+from ds_fastckpt.native.device_copy import DeviceCopier, bytes_of, host_copy_of_bytes, write_piece
+from ds_fastckpt.native.file_part import FilePart, SnapshotTooLargeError
+
 _CPU = torch.device("cpu")
 
 
 class LayoutMismatchError(RuntimeError):
     """torch skipped a range that is not the next storage's size: nothing is written from such a layout."""
-
-
-class SnapshotTooLargeError(MemoryError):
-    """A snapshot would need more host memory than the limit allows; nothing was copied."""
 
 
 def layout_first_supported() -> bool:
@@ -121,7 +116,7 @@ class Layout:
         return FilePart(pieces, self.file_size)
 
     def write_to(self, writer: io.RawIOBase,
-                 device_copiers: Optional[Dict[torch.device, "DeviceCopier"]] = None) -> None:
+                 device_copiers: Optional[Dict[torch.device, DeviceCopier]] = None) -> None:
         """Writes the file to ``writer``: each storage from its own memory, no serializer copy.
 
         Args:
@@ -134,64 +129,7 @@ class Layout:
         """
         copiers = {} if device_copiers is None else device_copiers
         for piece in self.pieces:
-            _write_piece(piece if isinstance(piece, bytes) else _bytes_of(piece), writer, copiers)
-
-
-class FilePart:
-    """The part of a file one of several writers writes: pieces at their file offsets, in order; the bytes
-    between them are other writers' (``parallel_writers``).
-
-    Args:
-        pieces: ``(offset, bytes or uint8 tensor)`` in file order, not overlapping.
-        file_size: the size of the whole file.
-    """
-
-    def __init__(self, pieces: List[Tuple[int, Union[bytes, torch.Tensor]]], file_size: int):
-        self.pieces = pieces
-        self.file_size = file_size
-
-    @classmethod
-    def of_storages(cls, storages: List[torch.UntypedStorage], starts: List[int], ranges: List[Tuple[int, int]],
-                    file_size: int) -> "FilePart":
-        """The bytes of ``ranges`` from ``storages``, storage i lying at file offset ``starts[i]``.
-
-        Raises:
-            ValueError: for a range not inside one storage.
-        """
-        pieces = []
-        for start, end in ranges:
-            index = bisect.bisect_right(starts, start) - 1
-            if index < 0 or end > starts[index] + storages[index].nbytes():
-                raise ValueError(f"bytes {start}-{end} of the file are not inside one storage")
-            pieces.append((start, _bytes_of(storages[index])[start - starts[index]:end - starts[index]]))
-        return cls(pieces, file_size)
-
-    @property
-    def storage_bytes(self) -> int:
-        return sum(piece.numel() for _, piece in self.pieces if not isinstance(piece, bytes))
-
-    def snapshot(self, limit_bytes: int = 0) -> "FilePart":
-        """The same part with its tensor bytes copied to host memory now; see ``Layout.snapshot``."""
-        if limit_bytes and self.storage_bytes > limit_bytes:
-            raise SnapshotTooLargeError(f"a snapshot of {self.storage_bytes} bytes exceeds the limit of "
-                                        f"{limit_bytes} bytes")
-        copies = [(offset, piece if isinstance(piece, bytes) else _host_copy_of_bytes(piece))
-                  for offset, piece in self.pieces]
-        for device in {piece.device for _, piece in self.pieces if not isinstance(piece, bytes)} - {_CPU}:
-            torch.get_device_module(device).current_stream(device).synchronize()
-        return FilePart(copies, self.file_size)
-
-    def write_to(self, writer, device_copiers: Optional[Dict[torch.device, "DeviceCopier"]] = None) -> None:
-        """Writes each piece at its offset through a shared ``AioFileWriter``, skipping what lies between.
-
-        Raises:
-            OSError: from the writer, with errno and path.
-        """
-        copiers = {} if device_copiers is None else device_copiers
-        for offset, piece in self.pieces:
-            if offset > writer.tell():
-                writer.skip(offset - writer.tell())
-            _write_piece(piece, writer, copiers)
+            write_piece(piece if isinstance(piece, bytes) else bytes_of(piece), writer, copiers)
 
 
 def parameter_storages(state_dict) -> List[torch.UntypedStorage]:
@@ -228,7 +166,7 @@ def lay_out(obj) -> Layout:
 
 
 def save_layout_first(obj, writer: io.RawIOBase,
-                      device_copiers: Optional[Dict[torch.device, "DeviceCopier"]] = None) -> None:
+                      device_copiers: Optional[Dict[torch.device, DeviceCopier]] = None) -> None:
     """``torch.save(obj, writer)``, each storage written from its own memory (plain torch.save where unsupported).
 
     See ``Layout.write_to`` for the arguments and errors.
@@ -259,53 +197,6 @@ def storages_in_save_order(obj) -> List[torch.UntypedStorage]:
 
     _StorageFinder(_Discard(), protocol=DEFAULT_PROTOCOL).dump(obj)
     return found
-
-
-class DeviceCopier:
-    """Two pinned host blocks and a side stream: an accelerator storage goes to the writer block by block.
-
-    The copy of block i+1 (DMA, on the side stream) runs while block i is
-    handed to the writer. Made on first use and reused across files: pinning
-    memory is slow.
-
-    Args:
-        device: the accelerator device of the storages it copies.
-        block_bytes: bytes per block.
-    """
-
-    def __init__(self, device: torch.device, block_bytes: int = DEVICE_BLOCK_BYTES):
-        self.device = torch.device(device)
-        self._module = torch.get_device_module(self.device)
-        self._stream = self._module.Stream(self.device)
-        self._blocks = [torch.empty(block_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-
-    def write(self, source: torch.Tensor, writer: io.RawIOBase) -> None:
-        """Writes the bytes of ``source`` (uint8, on the device) to ``writer``; returns when the writer has taken
-        the last block."""
-        block_bytes = self._blocks[0].numel()
-        # The side stream must see every kernel the training stream queued that writes this storage.
-        self._stream.wait_stream(self._module.current_stream(self.device))
-        in_flight = None
-        for index, start in enumerate(range(0, source.numel(), block_bytes)):
-            length = min(block_bytes, source.numel() - start)
-            block = self._blocks[index % 2][:length]
-            with self._module.stream(self._stream):
-                block.copy_(source[start:start + length], non_blocking=True)
-                copied = self._module.Event()
-                copied.record(self._stream)
-            if in_flight is not None:
-                self._hand_over(in_flight, writer)
-            in_flight = (copied, block)
-        if in_flight is not None:
-            self._hand_over(in_flight, writer)
-        # The training stream may free or reuse the storage once its copies have been read.
-        source.record_stream(self._stream)
-
-    @staticmethod
-    def _hand_over(in_flight, writer: io.RawIOBase) -> None:
-        copied, block = in_flight
-        copied.synchronize()
-        writer.write(block.numpy())  # copied into the writer's staging before write() returns: the block is free
 
 
 class _LayoutRecorder(io.RawIOBase):
@@ -375,37 +266,11 @@ def _length(piece: Union[bytes, torch.UntypedStorage, torch.Tensor]) -> int:
 
 
 def _slice(piece: Union[bytes, torch.UntypedStorage], start: int, end: int) -> Union[bytes, torch.Tensor]:
-    return piece[start:end] if isinstance(piece, bytes) else _bytes_of(piece)[start:end]
-
-
-def _write_piece(piece: Union[bytes, torch.Tensor], writer, copiers: Dict[torch.device, "DeviceCopier"]) -> None:
-    """Writes bytes, or a uint8 tensor from its own memory (by DMA through pinned blocks when on a device)."""
-    if isinstance(piece, bytes):
-        writer.write(piece)
-    elif piece.device.type == "cpu":
-        writer.write(piece.numpy())
-    else:
-        if piece.device not in copiers:
-            copiers[piece.device] = DeviceCopier(piece.device)
-        copiers[piece.device].write(piece, writer)
-
-
-def _host_copy_of_bytes(source: torch.Tensor) -> torch.Tensor:
-    """A host copy of a uint8 tensor: pinned and copied by DMA (asynchronously) when it is on a device."""
-    if source.device.type == "cpu":
-        return source.clone()
-    copy = torch.empty(source.numel(), dtype=torch.uint8, pin_memory=True)
-    copy.copy_(source, non_blocking=True)
-    return copy
+    return piece[start:end] if isinstance(piece, bytes) else bytes_of(piece)[start:end]
 
 
 def _host_copy(storage: torch.UntypedStorage) -> torch.UntypedStorage:
     """A host copy of ``storage``: pinned and copied by DMA (asynchronously) for an accelerator storage."""
     if storage.device.type == "cpu":
         return storage.clone()
-    return _host_copy_of_bytes(_bytes_of(storage)).untyped_storage()
-
-
-def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
-    """A uint8 tensor viewing ``storage``'s bytes, without copying them."""
-    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+    return host_copy_of_bytes(bytes_of(storage)).untyped_storage()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ds_fastckpt import AioFileWriter
-from ds_fastckpt.native.layout_save import DeviceCopier, lay_out, layout_first_supported, save_layout_first
+from ds_fastckpt.native.device_copy import DeviceCopier
+from ds_fastckpt.native.layout_save import lay_out, layout_first_supported, save_layout_first
 from ds_fastckpt.native.writer import torch_zip_crc32
 
 # GPU clock cycles torch.cuda._sleep spins for (~0.25 s at 2 GHz): long enough that a copy not ordered after the

@@ -9,6 +9,7 @@ import torch
 from ds_fastckpt import AioFileWriter, open_fds_under
 from ds_fastckpt.native import layout_save
 from ds_fastckpt.native.fault_injection import inject_fault
+from ds_fastckpt.native.file_part import FilePart
 from ds_fastckpt.native.layout_save import (Layout, LayoutMismatchError, SnapshotTooLargeError, lay_out,
                                             layout_first_supported, save_layout_first)
 from ds_fastckpt.native.op_builder import FastCkptBuilder
@@ -423,7 +424,7 @@ def test_parts_written_by_several_writers_make_torch_save_s_file(ext4_dir, write
     shares = split_shares(layout.file_size, ranges, writers)
     copies = [storage.clone() for storage in parameters]  # another rank's identical parameters
     parts = [layout.part_without(sorted(span for share in shares[1:] for span in share))]
-    parts += [layout_save.FilePart.of_storages(copies, [start for start, _ in ranges], share, layout.file_size)
+    parts += [FilePart.of_storages(copies, [start for start, _ in ranges], share, layout.file_size)
               for share in shares[1:]]
     path = ext4_dir / "shared.pt"
     with open(path, "wb") as file:
@@ -438,8 +439,8 @@ def test_parts_written_by_several_writers_make_torch_save_s_file(ext4_dir, write
 
 def test_a_range_outside_one_storage_is_refused():
     storages = [torch.zeros(8192, dtype=torch.uint8).untyped_storage()]
-    assert layout_save.FilePart.of_storages(storages, [4096], [(4096, 12288)], 20000).storage_bytes == 8192
+    assert FilePart.of_storages(storages, [4096], [(4096, 12288)], 20000).storage_bytes == 8192
     for outside in [(4096, 16384), (0, 4096)]:
         with pytest.raises(ValueError, match=f"bytes {outside[0]}-{outside[1]} of the file are not inside one "
                            "storage"):
-            layout_save.FilePart.of_storages(storages, [4096], [outside], 20000)
+            FilePart.of_storages(storages, [4096], [outside], 20000)
