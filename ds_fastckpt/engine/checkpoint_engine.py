@@ -104,10 +104,11 @@ class FastAioCheckpointEngine(CheckpointEngine):
         node_local: DeepSpeed's ``checkpoint.use_node_local_storage``.
         data_parallel_ranks: the global ranks of this rank's data-parallel group, when ``parallel_writers``
             applies (ZeRO stage 0-2 without MoE); None writes every file from one rank.
+        parallel_writers: the mode in force ("all" or "node"), the option's default resolved.
     """
 
     def __init__(self, config_params, options: FastAioConfig, tuning: Dict[str, int], node_local: bool = False,
-                 data_parallel_ranks: Optional[Sequence[int]] = None):
+                 data_parallel_ranks: Optional[Sequence[int]] = None, parallel_writers: str = "off"):
         super().__init__(config_params)
         self.name = ENGINE_NAME
         self.options = options
@@ -120,9 +121,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._next_step: Optional[int] = None
         self._next_save_latest = True
         self._ranks = RankGroup(options.commit_timeout_s)
-        self._writers: Optional[WriterGroup] = None
-        if data_parallel_ranks is not None and options.parallel_writers != "off":
-            self._writers = form_writer_group(options.parallel_writers, node_local, data_parallel_ranks, self._ranks)
+        self._writers: Optional[WriterGroup] = None if data_parallel_ranks is None or parallel_writers == "off" \
+            else form_writer_group(parallel_writers, node_local, data_parallel_ranks, self._ranks)
         self._next_replicated: Optional[Path] = None
         self._loader = VerifiedLoader(options, tuning, self._ranks.gather, node_local=node_local)
         self._background: Optional[BackgroundWriter] = None

@@ -103,12 +103,13 @@ class FastAioConfig(DeepSpeedConfigModel):
     most disk in use during a save is unchanged (``keep_last`` checkpoints plus the one being written); between
     saves the spare holds one more. Off: the disk space is freed at each rotation."""
 
-    parallel_writers: Literal["off", "all", "node"] = "off"
+    parallel_writers: Literal["off", "all", "node"] = "all"
     """Who writes the model-states file (``mp_rank_XX_model_states.pt``) that every data-parallel rank holds a
-    copy of with ZeRO stages 0-2: ``"off"``, the one rank DeepSpeed picks; ``"all"``, every rank of the
-    data-parallel group writes a share of its parameter bytes into the same file (a filesystem all ranks
-    share); ``"node"``, the ranks of the group on the picked rank's host (with ``use_node_local_storage``: on
-    each host, that host's copy). The file is byte for byte the same. See README "Parallel writers"."""
+    copy of with ZeRO stages 0-2: ``"all"``, every rank of the data-parallel group writes a share of its
+    parameter bytes into the same file (storage all ranks share); ``"node"``, the ranks of the group on the
+    writing rank's host (with ``use_node_local_storage``: on each host, that host's copy); ``"off"``, the one
+    rank DeepSpeed picks. Left out, it is ``"all"``, or ``"node"`` with ``use_node_local_storage``. The file
+    is byte for byte the same. See README "Parallel writers"."""
 
     async_save: StrictBool = Field(False, alias="async")
     """Write in the background: ``save_checkpoint`` returns at once; the commit happens at the next

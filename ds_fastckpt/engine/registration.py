@@ -67,15 +67,20 @@ def create_engine(config_params, groups=None, zero_stage: int = 0, has_moe_layer
     options = parse_fast_aio(section)
     tuning = aio_tuning(getattr(config_params, "aio_config", None) or {})
     node_local = bool(getattr(config_params, "use_node_local_storage", False))  # not in checkpoint_config
-    data_parallel_ranks = _parallel_writer_ranks(options.parallel_writers, node_local, groups, zero_stage,
-                                                 has_moe_layers)
+    mode = options.parallel_writers
+    explicit = "parallel_writers" in options.model_fields_set
+    if node_local and not explicit:
+        mode = "node"  # the default's meaning with node-local storage: every host writes its own copy
+    data_parallel_ranks = _parallel_writer_ranks(mode, explicit, node_local, groups, zero_stage, has_moe_layers)
     return FastAioCheckpointEngine(config_params, options, tuning, node_local=node_local,
-                                   data_parallel_ranks=data_parallel_ranks)
+                                   data_parallel_ranks=data_parallel_ranks, parallel_writers=mode)
 
 
-def _parallel_writer_ranks(mode: str, node_local: bool, groups, zero_stage: int,
+def _parallel_writer_ranks(mode: str, explicit: bool, node_local: bool, groups, zero_stage: int,
                            has_moe_layers: bool) -> Optional[List[int]]:
     """This rank's data-parallel group when ``parallel_writers`` applies; None when every file has one writer.
+
+    ``explicit``: the user set ``parallel_writers``; only then is a mode that cannot apply worth a message.
 
     Raises:
         ConfigError: for ``"all"`` with node-local storage.
@@ -87,12 +92,12 @@ def _parallel_writer_ranks(mode: str, node_local: bool, groups, zero_stage: int,
                           "ranks on every host, but checkpoint.use_node_local_storage keeps a copy on each host: "
                           "use 'node' (the ranks of each host write that host's copy) or 'off'")
     if zero_stage >= 3:
-        logger.info("parallel_writers=%r changes nothing with ZeRO stage 3: every rank saves its own model states "
-                    "already", mode)
+        logger.log(logging.INFO if explicit else logging.DEBUG, "parallel_writers=%r changes nothing with ZeRO "
+                   "stage 3: every rank saves its own model states already", mode)
         return None
     if has_moe_layers:
-        logger.warning("parallel_writers=%r is not used with MoE layers (DeepSpeed picks expert-file writers by the "
-                       "same rule); every file has one writer", mode)
+        logger.log(logging.WARNING if explicit else logging.DEBUG, "parallel_writers=%r is not used with MoE "
+                   "layers (DeepSpeed picks expert-file writers by the same rule); every file has one writer", mode)
         return None
     if groups is None or not torch.distributed.is_initialized():
         return None

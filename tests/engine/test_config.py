@@ -40,6 +40,11 @@ def test_parallel_writers_all_with_node_local_storage_is_refused():
                                    "fast_aio": {"parallel_writers": "all"}})
 
 
+def test_parallel_writers_left_out_with_node_local_storage_means_node():
+    engine = init_engine(1, checkpoint={"engine": "fast_aio", "use_node_local_storage": True})
+    assert engine.checkpoint_engine.node_local and engine.checkpoint_engine.options.parallel_writers == "all"
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_parallel_writers_on_one_rank_leave_deepspeed_s_writer_choice(stage):
     """Alone there is no one to share with: rank 0 saves the model states, as DeepSpeed decides."""

@@ -1,6 +1,6 @@
 """A simulated 2-node job (4 ranks, two hostnames through UTS namespaces) with ``use_node_local_storage``:
-each node commits its own copy in its own directory, and with ``parallel_writers: "node"`` the two ranks of
-each node write that node's model-states file together."""
+each node commits its own copy in its own directory, and by default (``parallel_writers`` left out, which
+means "node" there) the two ranks of each node write that node's model-states file together."""
 
 import json
 import os
@@ -29,7 +29,7 @@ def reports(tmp_path_factory):
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(4)], out
 
 
-@pytest.mark.parametrize("mode", ["off", "node"])
+@pytest.mark.parametrize("mode", ["off", "default"])
 def test_each_node_commits_its_own_copy_and_resumes_from_it(reports, mode):
     for report in reports[0]:
         node = report["rank"] // 2
@@ -43,12 +43,12 @@ def test_each_node_commits_its_own_copy_and_resumes_from_it(reports, mode):
                                           "mp_rank_00_model_states.pt")
         assert result["resumed_exactly"], report["rank"]
         # What one writer alone writes from that rank's state; with "off" only the node's first rank saves it.
-        assert result["identical"] is (True if mode == "node" or report["rank"] % 2 == 0 else None), report["rank"]
+        assert result["identical"] is (True if mode == "default" or report["rank"] % 2 == 0 else None), report["rank"]
 
 
-def test_the_two_ranks_of_each_node_share_the_writing_with_node(reports):
+def test_the_two_ranks_of_each_node_share_the_writing_by_default(reports):
     for first, second in ((0, 1), (2, 3)):
-        node = [reports[0][rank]["node"] for rank in (first, second)]
+        node = [reports[0][rank]["default"] for rank in (first, second)]
         off = [reports[0][rank]["off"] for rank in (first, second)]
         assert all(result["writes_in_parallel"] for result in node)
         assert not any(result["writes_in_parallel"] for result in off)
