@@ -40,9 +40,10 @@ def test_parallel_writers_all_with_node_local_storage_is_refused():
                                    "fast_aio": {"parallel_writers": "all"}})
 
 
-def test_parallel_writers_left_out_with_node_local_storage_means_node():
+def test_parallel_writers_left_out_with_node_local_storage_is_not_refused():
+    """Its default then means "node" (tests/engine/test_two_nodes.py runs it on two simulated hosts)."""
     engine = init_engine(1, checkpoint={"engine": "fast_aio", "use_node_local_storage": True})
-    assert engine.checkpoint_engine.node_local and engine.checkpoint_engine.options.parallel_writers == "all"
+    assert engine.checkpoint_engine.node_local and not engine.checkpoint_engine.writes_in_parallel
 
 
 @pytest.mark.parametrize("stage", [1, 3])
