@@ -44,37 +44,16 @@ def write_bytes() -> int:
     raise RuntimeError("/proc/self/io has no write_bytes")
 
 
-def make_engine(layers: int, width: int, parallel_writers: str):
-    import deepspeed
-    import torch
-
-    import ds_fastckpt  # noqa: F401  (the import registers the fast_aio engine)
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
-    config = {
-        "train_micro_batch_size_per_gpu": 4,
-        "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-        "zero_optimization": {"stage": 1},
-        "zero_allow_untested_optimizer": True,
-        "checkpoint": {"engine": "fast_aio", "fast_aio": {"keep_last": KEEP, "parallel_writers": parallel_writers}},
-    }
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    loss = engine(torch.randn(4, width)).pow(2).mean()
-    engine.backward(loss)
-    engine.step()
-    return engine
-
-
 def worker(args) -> None:
     """One rank: interleaved saves with both engines; rank 0 prints the table."""
     import torch.distributed as dist
+    from bench_save import make_engine  # benchmarks/bench_save.py: scripts import their siblings
 
     from ds_fastckpt.cli.measure import format_ratio, interleaved, medians, ratios
 
     layers = max(1, round(args.size / BYTES_PER_PARAMETER / (args.width * args.width + args.width)))
-    engines = {ONE: make_engine(layers, args.width, "off"), ALL: make_engine(layers, args.width, "all")}
+    engines = {name: make_engine(layers, args.width, {"engine": "fast_aio", "fast_aio": {
+        "keep_last": KEEP, "parallel_writers": mode}}) for name, mode in ((ONE, "off"), (ALL, "all"))}
     rank, step = dist.get_rank(), {name: 0 for name in engines}
     written = {name: [] for name in engines}
 

@@ -1,15 +1,37 @@
 """Small DeepSpeed jobs on CPU for the engine tests: one process here, two under torchrun."""
 
+import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def torchrun_reports(worker: Path, out: Path, ranks: int) -> List[dict]:
+    """Runs ``worker OUT`` under torchrun on ``ranks`` local ranks and returns each rank's OUT/rank<R>.json.
+
+    Fails the test with the end of torchrun's output when the job fails.
+    """
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                             "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0",
+                             str(worker), str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(ranks)]
 
 
 def single_process_env() -> None:

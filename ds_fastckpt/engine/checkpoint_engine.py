@@ -54,7 +54,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
        ``save_dir/.<tag>.ds_fastckpt-tmp``. Ends with a collective, so no rank
        writes before it exists. Nothing visible to a loader has changed.
     2. ``makedirs(path)`` / ``save(state_dict, path)``, any number of times:
-       paths inside ``save_dir/<tag>`` are written into the pending directory.
+       paths inside ``save_dir/<tag>`` are written into the pending directory
+       (the model-states file by its whole writer group: ``shared_write``).
        Each file is durable (fsynced) when ``save`` returns, and its size and
        CRC-32C are recorded. Still nothing visible has changed. A write that
        fails is not raised here but held for the commit, so that this rank
@@ -175,11 +176,10 @@ class FastAioCheckpointEngine(CheckpointEngine):
         return self.options.async_save
 
     def get_commit_info(self):
-        save = self._save
-        if save is None:
+        if self._save is None:
             return None
         # save_latest=False: DeepSpeed would write `latest` with a plain open(); commit() writes it atomically.
-        return CheckpointCommitInfo(tag=save.tag, save_dir=str(save.save_dir), save_latest=False)
+        return CheckpointCommitInfo(tag=self._save.tag, save_dir=str(self._save.save_dir), save_latest=False)
 
     def wait(self) -> None:
         """Finishes and commits the checkpoint in flight, if any. Every rank must call it."""

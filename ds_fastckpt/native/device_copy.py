@@ -74,6 +74,13 @@ def write_piece(piece: Union[bytes, torch.Tensor], writer, copiers: Dict[torch.d
         copiers[piece.device].write(piece, writer)
 
 
+def wait_for_host_copies(sources) -> None:
+    """Returns once every copy queued on the current streams of the devices ``sources`` (tensors or storages)
+    live on has landed in host memory."""
+    for device in {source.device for source in sources} - {torch.device("cpu")}:
+        torch.get_device_module(device).current_stream(device).synchronize()
+
+
 def host_copy_of_bytes(source: torch.Tensor) -> torch.Tensor:
     """A host copy of a uint8 tensor: pinned and copied by DMA (asynchronously) when it is on a device."""
     if source.device.type == "cpu":

@@ -5,9 +5,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ds_fastckpt.native.device_copy import DeviceCopier, bytes_of, host_copy_of_bytes, write_piece
-
-_CPU = torch.device("cpu")
+from ds_fastckpt.native.device_copy import DeviceCopier, bytes_of, host_copy_of_bytes, wait_for_host_copies, write_piece
 
 
 class SnapshotTooLargeError(MemoryError):
@@ -54,8 +52,7 @@ class FilePart:
                                         f"{limit_bytes} bytes")
         copies = [(offset, piece if isinstance(piece, bytes) else host_copy_of_bytes(piece))
                   for offset, piece in self.pieces]
-        for device in {piece.device for _, piece in self.pieces if not isinstance(piece, bytes)} - {_CPU}:
-            torch.get_device_module(device).current_stream(device).synchronize()
+        wait_for_host_copies([piece for _, piece in self.pieces if not isinstance(piece, bytes)])
         return FilePart(copies, self.file_size)
 
     def write_to(self, writer, device_copiers: Optional[Dict[torch.device, DeviceCopier]] = None) -> None:

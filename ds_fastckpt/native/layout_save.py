@@ -32,10 +32,8 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch.serialization import DEFAULT_PROTOCOL, get_crc32_options
 
-from ds_fastckpt.native.device_copy import DeviceCopier, bytes_of, host_copy_of_bytes, write_piece
+from ds_fastckpt.native.device_copy import DeviceCopier, bytes_of, host_copy_of_bytes, wait_for_host_copies, write_piece
 from ds_fastckpt.native.file_part import FilePart, SnapshotTooLargeError
-
-_CPU = torch.device("cpu")
 
 
 class LayoutMismatchError(RuntimeError):
@@ -79,8 +77,7 @@ class Layout:
             raise SnapshotTooLargeError(f"a snapshot of {self.storage_bytes} bytes exceeds the limit of "
                                         f"{limit_bytes} bytes")
         copies = [piece if isinstance(piece, bytes) else _host_copy(piece) for piece in self.pieces]
-        for device in {piece.device for piece in self.pieces if not isinstance(piece, bytes)} - {_CPU}:
-            torch.get_device_module(device).current_stream(device).synchronize()
+        wait_for_host_copies([piece for piece in self.pieces if not isinstance(piece, bytes)])
         return Layout(copies)
 
     @property

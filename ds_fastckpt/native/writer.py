@@ -148,17 +148,8 @@ class AioFileWriter(io.RawIOBase):
         view = memoryview(data)
         if not view.c_contiguous:
             raise ValueError("AioFileWriter.write() needs a C-contiguous bytes-like object")
-        size = view.nbytes
-        self._claim("write")
-        try:
-            if self._error is None:
-                try:
-                    self._native.write(data)
-                except OSError as error:
-                    self._error = error  # the op has already closed the descriptor
-        finally:
-            self._busy.release()
-        return size
+        self._run("write", data)
+        return view.nbytes
 
     def skip(self, size: int) -> int:
         """Moves the position ``size`` bytes forward without writing them (another writer writes them).
@@ -174,15 +165,7 @@ class AioFileWriter(io.RawIOBase):
         if size < 0 or size % alignment or position % alignment:
             raise ValueError(f"AioFileWriter.skip({size}) at position {position} of {self.name}: the position and "
                              f"the size must be non-negative multiples of {alignment}")
-        self._claim("skip")
-        try:
-            if self._error is None:
-                try:
-                    self._native.skip(size)
-                except OSError as error:
-                    self._error = error  # the op has already closed the descriptor
-        finally:
-            self._busy.release()
+        self._run("skip", size)
         return position + size
 
     def flush(self) -> None:
@@ -252,6 +235,18 @@ class AioFileWriter(io.RawIOBase):
     def __del__(self):
         if self._native is not None and not self.closed:
             self._abandon()
+
+    def _run(self, call: str, *args) -> None:
+        """Runs the op's ``call``; its first I/O error is kept (see the class docstring), not raised here."""
+        self._claim(call)
+        try:
+            if self._error is None:
+                try:
+                    getattr(self._native, call)(*args)
+                except OSError as error:
+                    self._error = error  # the op has already closed the descriptor
+        finally:
+            self._busy.release()
 
     def _claim(self, call: str) -> None:
         """Marks ``call`` as the one running, or refuses it while another thread is inside this writer.

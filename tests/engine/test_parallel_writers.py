@@ -2,30 +2,19 @@
 model-states file together, byte for byte what one writer writes, with the balance of bytes written read from
 /proc/self/io; "off" is the control."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.ds_helpers import torchrun_reports
+
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel_writers")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0",
-                             str(REPO / "tests" / "engine" / "parallel_worker.py"), str(out)],
-                            env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)], out
+    return torchrun_reports(Path(__file__).resolve().parent / "parallel_worker.py", out, 2), out
 
 
 def balance(reports, mode: str, save: int) -> float:

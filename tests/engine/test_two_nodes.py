@@ -2,15 +2,13 @@
 each node commits its own copy in its own directory, and by default (``parallel_writers`` left out, which
 means "node" there) the two ranks of each node write that node's model-states file together."""
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.ds_helpers import torchrun_reports
+
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="naming a host in a UTS namespace needs root")
 
@@ -18,15 +16,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="naming a host in a UT
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_nodes")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
-                             "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0",
-                             str(REPO / "tests" / "engine" / "two_node_worker.py"), str(out)],
-                            env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(4)], out
+    return torchrun_reports(Path(__file__).resolve().parent / "two_node_worker.py", out, 4), out
 
 
 @pytest.mark.parametrize("mode", ["off", "default"])

@@ -1,28 +1,17 @@
 """The engine on 2 ranks (torchrun, gloo on CPU): round trips for ZeRO 0-3, rotation, fd audit, resume."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.ds_helpers import torchrun_reports
 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0",
-                             str(REPO / "tests" / "engine" / "two_rank_worker.py"), str(out)],
-                            env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)], out
+    return torchrun_reports(Path(__file__).resolve().parent / "two_rank_worker.py", out, 2), out
 
 
 @pytest.mark.parametrize("mode", ["round_trips", "async_round_trips"])
