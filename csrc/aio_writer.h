@@ -35,7 +35,8 @@ struct Segment {
   std::uint32_t crc;
 };
 
-// Writes one file front to back. Call order: write()* then close(), or abort().
+// Writes one file front to back, or, with skip(), the ranges of a kShared file
+// that are this writer's. Call order: (write() | skip())* then close(), or abort().
 //
 // The caller lends `staging`: two halves of `half_bytes` each, aligned to
 // kDirectAlignment, alive until close()/abort() returns or the writer is

@@ -333,3 +333,18 @@ def test_shared_writer_needs_the_file_and_never_grows_it(ext4_dir):
 def test_shared_and_overwrite_together_are_refused(tmp_path):
     with pytest.raises(ValueError, match="overwrite=True and shared=True are not allowed together"):
         AioFileWriter(tmp_path / "f.bin", shared=True, overwrite=True)
+
+
+def test_the_op_refuses_an_unknown_existing_mode_and_a_misaligned_skip(tmp_path):
+    """The binding's own checks, under AioFileWriter's: a bad mode is named; a bad skip closes the writer."""
+    op, staging = load_op(), StagingBuffer(HALF)
+    with pytest.raises(ValueError, match="existing=append is not allowed: use 'truncate', 'overwrite' or 'shared'"):
+        op.AioWriter(str(tmp_path / "f.bin"), staging.tensor, HALF, 4096, 2, True, "append")
+    assert not (tmp_path / "f.bin").exists()
+    writer = op.AioWriter(str(tmp_path / "g.bin"), staging.tensor, HALF, 4096, 2, True)
+    writer.write(b"x" * 100)
+    with pytest.raises(OSError) as raised:
+        writer.skip(4096)
+    assert raised.value.errno == 22 and raised.value.filename == str(tmp_path / "g.bin")
+    assert "skip (position 100 and length 4096 must be multiples of 4096)" in str(raised.value)
+    assert not writer.is_open
