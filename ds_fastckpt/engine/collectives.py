@@ -56,9 +56,14 @@ def bounded_group(timeout_s: float) -> Optional[Any]:
 def bounded_subgroup(ranks: List[int], timeout_s: float) -> Any:
     """A gloo group of ``ranks`` whose operations time out after ``timeout_s``.
 
-    Collective like ``bounded_group``: every rank calls it for every subgroup, in the same order, members or not.
+    Collective like ``bounded_group``: every rank calls it for every subgroup, in the same order, members or
+    not. One group per set of ranks, timeout and default group is made per process.
     """
-    return torch.distributed.new_group(ranks=sorted(ranks), backend="gloo", timeout=timedelta(seconds=timeout_s))
+    key = (id(torch.distributed.group.WORLD), tuple(sorted(ranks)), timeout_s)
+    if key not in _groups:
+        _groups[key] = torch.distributed.new_group(ranks=list(key[1]), backend="gloo",
+                                                   timeout=timedelta(seconds=timeout_s))
+    return _groups[key]
 
 
 def all_gather_object(obj: Any, group: Optional[Any] = None) -> List[Any]:
