@@ -7,9 +7,7 @@ facts, so no rank has to be told its share.
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
-from ds_fastckpt.native.op import load_op
-
-ALIGNMENT = 4096  # O_DIRECT: every range a rank writes starts and ends on a block boundary
+from ds_fastckpt.native.op import DIRECT_ALIGNMENT, load_op
 
 Range = Tuple[int, int]  # [start, end) in the file
 
@@ -63,9 +61,10 @@ def split_shares(file_size: int, shareable: Sequence[Range], writers: int) -> Li
     """The byte ranges each writer writes of a file whose ``shareable`` ranges every writer holds.
 
     Writer 0 (the one DeepSpeed picks) writes every byte no other writer
-    writes: the archive's headers and pickle, the storages only it holds, and
-    the unaligned edges of the shared ones. Writers 1.. each get contiguous
-    aligned ranges inside the shareable ones. The split aims at the same
+    writes: the archive's headers and pickle, the storages only it holds,
+    and the unaligned edges of the shared ones. Writers 1.. each get
+    contiguous ranges inside the shareable ones, starting and ending on
+    ``DIRECT_ALIGNMENT`` boundaries (O_DIRECT). The split aims at the same
     number of bytes per writer, writer 0's other bytes counted.
 
     Args:
@@ -135,8 +134,8 @@ def _merged(ranges: List[Range]) -> List[Range]:
 
 
 def _up(offset: int) -> int:
-    return -(-offset // ALIGNMENT) * ALIGNMENT
+    return -(-offset // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
 
 
 def _down(offset: int) -> int:
-    return offset // ALIGNMENT * ALIGNMENT
+    return offset // DIRECT_ALIGNMENT * DIRECT_ALIGNMENT

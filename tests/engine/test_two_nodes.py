@@ -9,7 +9,6 @@ import pytest
 
 from tests.ds_helpers import torchrun_reports
 
-
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="naming a host in a UTS namespace needs root")
 
 

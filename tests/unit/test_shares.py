@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from ds_fastckpt.decisions.shares import (ALIGNMENT, RankFacts, SharesDoNotTileError, joined_crc32c, split_shares,
-                                          writer_groups)
+from ds_fastckpt.decisions.shares import RankFacts, SharesDoNotTileError, joined_crc32c, split_shares, writer_groups
+from ds_fastckpt.native.op import DIRECT_ALIGNMENT as ALIGNMENT
 from ds_fastckpt.native.op import load_op
 
 
