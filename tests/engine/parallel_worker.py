@@ -5,12 +5,10 @@ JSON per rank.
     python -m torch.distributed.run --nproc_per_node 2 tests/engine/parallel_worker.py OUT_DIR
 """
 
-import errno
 import io
 import json
 import os
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -19,10 +17,10 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import ds_fastckpt  # noqa: E402
-from ds_fastckpt.native.fault_injection import inject_fault  # noqa: E402
 from ds_fastckpt.native.op import load_op  # noqa: E402
 from ds_fastckpt.native.writer import torch_zip_crc32  # noqa: E402
 from tests.ds_helpers import full_state, init_engine, train  # noqa: E402
+from tests.engine.two_rank_worker import failing_write_on_one_rank  # noqa: E402
 
 WIDTH = 32768  # model states of about 2.3 MB; each rank's optimizer partition about as much
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -94,27 +92,6 @@ def saves(save_dir: Path, rank: int, mode: str, async_save: bool) -> dict:
             "resumed_exactly": same_state(saved, full_state(loader))}
 
 
-def failing_share(save_dir: Path, rank: int) -> dict:
-    """Rank 1's write of its share fails with EIO: every rank raises at the commit; the next save commits."""
-    engine = init_engine(1, {"keep_last": 2, "parallel_writers": "all"}, width=WIDTH)
-    train(engine, 1)
-    engine.save_checkpoint(save_dir)
-    train(engine, 1)
-    raised = None
-    try:
-        with inject_fault("write", errno.EIO) if rank == 1 else nullcontext():
-            engine.save_checkpoint(save_dir)
-    except Exception as error:
-        raised = {"type": type(error).__name__, "message": str(error), "errno": getattr(error, "errno", None)}
-    latest_after_failure = (save_dir / "latest").read_text()
-    train(engine, 1)
-    engine.save_checkpoint(save_dir)
-    engine.destroy()
-    return {"raised": raised, "latest_after_failure": latest_after_failure,
-            "latest_after_next": (save_dir / "latest").read_text(),
-            "dirs": sorted(p.name for p in save_dir.iterdir() if p.is_dir())}
-
-
 def main():
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
@@ -122,7 +99,9 @@ def main():
     for mode in ("off", "default"):
         report[mode] = saves(out / mode, rank, mode, async_save=False)
     report["all_async"] = saves(out / "all_async", rank, "all", async_save=True)
-    report["failing_share"] = failing_share(out / "failing_share", rank)
+    # Rank 1's first write is its share of the model-states file.
+    report["failing_share"] = failing_write_on_one_rank(out / "failing_share", rank, async_save=False, stage=1,
+                                                        width=WIDTH, parallel_writers="all")
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 

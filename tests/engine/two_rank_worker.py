@@ -138,13 +138,15 @@ def injected_leak(save_dir: Path) -> dict:
     return {"leaked": len(leaked), "message": message}
 
 
-def failing_write_on_one_rank(save_dir: Path, rank: int, async_save: bool) -> dict:
-    """Rank 1's write fails with EIO: every rank must raise at the commit (none waits), then train and save on."""
+def failing_write_on_one_rank(save_dir: Path, rank: int, async_save: bool, stage: int = 2, width: int = 32,
+                              **options) -> dict:
+    """Rank 1's first write fails with EIO: every rank must raise at the commit (none waits), then train and save
+    on. ``options`` are more ``fast_aio`` options."""
     import errno
 
     from ds_fastckpt.native.fault_injection import inject_fault
 
-    engine = init_engine(2, {"keep_last": 2, "async": async_save})
+    engine = init_engine(stage, {"keep_last": 2, "async": async_save, **options}, width=width)
     train(engine, 1)
     engine.save_checkpoint(save_dir)
     train(engine, 1)  # commits an async save
