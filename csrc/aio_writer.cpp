@@ -217,15 +217,22 @@ void AioWriter::abort() noexcept {
 }
 
 void write_aligned_file(const std::string& path, const std::uint8_t* data, std::size_t size,
-                        WriterOptions options) {
+                        WriterOptions options, ExistingFile existing) {
   check_options(options, path);
+  if (existing == ExistingFile::kShared) throw_io_error(EINVAL, "write (a shared file is not written whole)", path);
   if (reinterpret_cast<std::uintptr_t>(data) % kDirectAlignment != 0 ||
       size % kDirectAlignment != 0) {
     const std::string alignment = std::to_string(kDirectAlignment);
     throw_io_error(EINVAL, "write (buffer must be " + alignment + "-aligned whole blocks)", path);
   }
-  UniqueFd fd = open_direct_or_buffered(path, kCreateFlags, kCreateMode).fd;
+  const bool overwrite = existing == ExistingFile::kOverwrite;
+  UniqueFd fd = open_direct_or_buffered(path, overwrite ? kOverwriteFlags : kCreateFlags, kCreateMode).fd;
   std::uint64_t reserved = 0;
+  if (overwrite) {
+    struct stat st;
+    check_syscall("fstat", path, [&] { return ::fstat(fd.get(), &st); });
+    reserved = static_cast<std::uint64_t>(st.st_size);
+  }
   {
     reserve_size(fd.get(), path, size, reserved);
     AioQueue queue(fd.get(), path, options.queue_depth);

@@ -113,8 +113,10 @@ class AioWriter {
 
 // Writes `size` bytes from an aligned buffer straight to `path` with the same
 // queue, no staging copy and no checksum: the ceiling of what the disk
-// accepts from this op.
+// accepts from this op. kOverwrite writes over the blocks of the file already
+// there, as fio does over the file it laid out: the ceiling of a save that
+// recycles a retired checkpoint's file. kShared is refused (EINVAL).
 void write_aligned_file(const std::string& path, const std::uint8_t* data, std::size_t size,
-                        WriterOptions options);
+                        WriterOptions options, ExistingFile existing = ExistingFile::kTruncate);
 
 }  // namespace ds_fastckpt

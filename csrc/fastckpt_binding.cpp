@@ -186,10 +186,14 @@ class PyAioWriter {
 };
 
 void write_aligned(const std::string& path, const torch::Tensor& buffer, std::size_t size,
-                   std::size_t block_size, unsigned queue_depth, bool fsync) {
+                   std::size_t block_size, unsigned queue_depth, bool fsync, const std::string& existing) {
+  const ExistingFile mode = existing_file(existing);
+  if (mode == ExistingFile::kShared) {
+    throw py::value_error("existing=shared is not allowed for write_aligned: use 'truncate' or 'overwrite'");
+  }
   const std::uint8_t* data = aligned_bytes(buffer, size, "buffer");
   py::gil_scoped_release release;
-  write_aligned_file(path, data, size, WriterOptions{block_size, queue_depth, fsync});
+  write_aligned_file(path, data, size, WriterOptions{block_size, queue_depth, fsync}, mode);
 }
 
 // Keeps the buffer alive for as long as the native reader may write into it.
@@ -310,7 +314,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("is_open", [](py::handle self) { return as_writer(self).is_open(); });
 
   m.def("write_aligned", &ds_fastckpt::write_aligned, py::arg("path"), py::arg("buffer"),
-        py::arg("size"), py::arg("block_size"), py::arg("queue_depth"), py::arg("fsync"));
+        py::arg("size"), py::arg("block_size"), py::arg("queue_depth"), py::arg("fsync"),
+        py::arg("existing") = "truncate");
   py::class_<PyFileReader>(m, "FileReader")
       .def(py::init<const std::string&, torch::Tensor, std::size_t, unsigned>(), py::arg("path"),
            py::arg("buffer"), py::arg("block_size"), py::arg("queue_depth"))

@@ -261,6 +261,33 @@ def test_without_overwrite_an_existing_file_gets_new_blocks(ext4_dir):
     assert physical_extents(path)[0][1] != old_extents[0][1]
 
 
+def aligned_payload(size: int):
+    """A buffer for ``write_aligned`` and the ``size`` bytes the op writes from it: its first 4096-aligned window."""
+    buffer = torch.randint(0, 256, (size + 4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(size))
+    start = -buffer.data_ptr() % 4096
+    return buffer, buffer[start:start + size].numpy().tobytes()
+
+
+@pytest.mark.parametrize("old_size, new_size", [(64 << 10, 64 << 10), (64 << 10, 16 << 10), (16 << 10, 64 << 10)])
+def test_write_aligned_overwrite_writes_over_the_files_blocks_in_place(ext4_dir, old_size, new_size):
+    """The raw ceiling of a recycling save (benchmarks/bench_save.py): fio's write over a laid-out file."""
+    path = ext4_dir / "ceiling.bin"
+    op = load_op()
+    buffer, _ = aligned_payload(old_size)
+    op.write_aligned(str(path), buffer, old_size, 4096, 2, True)
+    inode, old_extents = os.stat(path).st_ino, physical_extents(path)
+    buffer, payload = aligned_payload(new_size)
+    op.write_aligned(str(path), buffer, new_size, 4096, 2, True, "overwrite")
+    assert path.read_bytes() == payload
+    assert os.stat(path).st_ino == inode
+    assert physical_extents(path)[0][:2] == old_extents[0][:2]
+    with pytest.raises(ValueError, match="existing=shared is not allowed for write_aligned: use 'truncate' or "
+                                         "'overwrite'"):
+        op.write_aligned(str(path), buffer, new_size, 4096, 2, True, "shared")
+    assert path.read_bytes() == payload
+    assert open_fds_under(ext4_dir) == []
+
+
 def make_sized(path, size: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.ftruncate(fd, size)
