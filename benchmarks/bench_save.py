@@ -23,14 +23,19 @@ round in an order that rotates every round (``ds_fastckpt.cli.measure``):
   one (keeps 2, like fast_aio).
 - ``raw O_DIRECT``: the op's ``write_aligned`` of as many bytes as a fast_aio
   save writes, from one aligned buffer (the ceiling of ``ds-fastckpt bench``),
-  same block size and queue depth, fsynced; the file is deleted untimed.
+  same block size and queue depth, fsynced, into a new file deleted untimed.
+- ``raw O_DIRECT overwrite``: the same write over the blocks of the file the
+  round before wrote, as fio writes over the file it lays out first and as a
+  recycling save writes over its spare. The faster of the two raw writes is
+  the ceiling that ``vs ceiling`` and the bar divide by.
 - ``fast_aio async`` (``--async``): ``"async": true``; timed from
   ``save_checkpoint`` until ``ds_fastckpt.wait(engine)`` has committed and
   the rotated checkpoint is removed; the time ``save_checkpoint`` took to
   return is printed beside it.
 
 GB/s are bytes on disk per save (summed over the tag directory's files) over
-the median seconds. ``--raw-unlink`` adds the raw write plus the unlink of the
+the median seconds. ``thread CPU s`` and ``preempted`` are the calling
+thread's CPU time and involuntary context switches per call (``ThreadCost``). ``--raw-unlink`` adds the raw write plus the unlink of the
 file written the round before: the ceiling of a save that also deletes an old
 checkpoint (on a filesystem mounted with ``discard``, unlinking waits for the
 disk to discard the freed blocks). ``--profile [N]`` then runs N (default 1)
@@ -39,8 +44,12 @@ building, laying out, writing, close and fsync, commit, rotation, fd audit)
 under cProfile, and measures the CRC-32C and the staging memcpy of the same
 byte count on their own.
 
+``--block-size``, ``--queue-depth`` and ``--io-buffer-size`` set DeepSpeed's
+``"aio"`` section and fast_aio's ``io_buffer_size`` for every engine; the raw
+writes use the same block size and depth.
+
     python benchmarks/bench_save.py --dir /path/on/the/disk --rounds 3 [--size 256MiB] [--async] [--raw-unlink]
-        [--profile [N]]
+        [--profile [N]] [--block-size 8MiB --io-buffer-size 64MiB]
 """
 
 import argparse
@@ -51,12 +60,14 @@ import functools
 import io
 import os
 import pstats
+import resource
 import shutil
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from single_process import world_of_one  # benchmarks/single_process.py: scripts import their siblings
@@ -70,6 +81,7 @@ from ds_fastckpt.native.op import DIRECT_ALIGNMENT, load_op
 FAST = "fast_aio"
 DEFAULT = "default + os.sync()"
 RAW = "raw O_DIRECT"
+RAW_OVERWRITE = "raw O_DIRECT overwrite"
 RAW_UNLINK = "raw O_DIRECT + unlink"
 ASYNC = "fast_aio async"
 BACKGROUND = "fast_aio, background_delete"
@@ -80,8 +92,8 @@ WARM_UP_SAVES = KEEP + 1  # so that every timed save rotates and, recycling, wri
 MISSING = object()
 
 
-def make_engine(layers: int, width: int, checkpoint: dict):
-    """A ZeRO-1 engine on CPU whose Adam state exists (one step taken)."""
+def make_engine(layers: int, width: int, checkpoint: dict, aio: Optional[dict] = None):
+    """A ZeRO-1 engine on CPU whose Adam state exists (one step taken); ``aio``: DeepSpeed's ``"aio"`` section."""
     import deepspeed
 
     torch.manual_seed(0)
@@ -93,6 +105,7 @@ def make_engine(layers: int, width: int, checkpoint: dict):
         "zero_optimization": {"stage": 1},
         "zero_allow_untested_optimizer": True,
         "checkpoint": checkpoint,
+        **({"aio": aio} if aio else {}),
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     loss = engine(torch.randn(4, width)).pow(2).mean()
@@ -163,33 +176,70 @@ class Saver:
         return end - start
 
 
-def raw_writer(directory: Path, nbytes: int, tuning: Dict[str, int]):
-    """The ceiling of ``ds-fastckpt bench``: the op's O_DIRECT write of one aligned buffer, fsynced."""
-    op = load_op()
-    size = -(-nbytes // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
-    buffer = torch.ones(size + DIRECT_ALIGNMENT, dtype=torch.uint8)
-    target = directory / "raw.bin"
+class RawWriter:
+    """The ceilings of ``ds-fastckpt bench``: the op's O_DIRECT write of one aligned buffer, fsynced.
 
-    def write(_round_index: int = 0) -> float:
-        seconds = timed(lambda: op.write_aligned(str(target), buffer, size, tuning["block_size"],
-                                                 tuning["queue_depth"], True))
+    ``new`` writes a new file (deleted untimed after), ``overwrite`` writes over the blocks of the file it wrote the
+    round before, as fio writes over the file it laid out first, and as a recycling save writes over its spare;
+    ``new_and_unlink`` writes a new file and deletes the one before, as a save that rotates without recycling.
+    """
+
+    def __init__(self, directory: Path, nbytes: int, tuning: Dict[str, int]):
+        self.op = load_op()
+        self.size = -(-nbytes // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+        self.buffer = torch.ones(self.size + DIRECT_ALIGNMENT, dtype=torch.uint8)
+        self.directory = directory
+        self.tuning = tuning
+        self.written: List[Path] = []
+        self.write(directory / "raw_overwrite.bin")  # untimed: the file every overwrite writes over
+
+    def write(self, path: Path, existing: str = "truncate") -> None:
+        self.op.write_aligned(str(path), self.buffer, self.size, self.tuning["block_size"],
+                              self.tuning["queue_depth"], True, existing)
+
+    def new(self, _round_index: int = 0) -> float:
+        target = self.directory / "raw.bin"
+        seconds = timed(lambda: self.write(target))
         target.unlink()  # not timed
         return seconds
 
-    written: List[Path] = []
+    def overwrite(self, _round_index: int = 0) -> float:
+        return timed(lambda: self.write(self.directory / "raw_overwrite.bin", "overwrite"))
 
-    def write_and_unlink(_round_index: int = 0) -> float:
+    def new_and_unlink(self, _round_index: int = 0) -> float:
         """Writes a new file and deletes the one before (if any), as a rotation deletes an old checkpoint."""
-        written.append(directory / f"raw_unlink.{len(written)}")
+        self.written.append(self.directory / f"raw_unlink.{len(self.written)}")
 
         def both():
-            op.write_aligned(str(written[-1]), buffer, size, tuning["block_size"], tuning["queue_depth"], True)
-            if len(written) > 1:
-                written[-2].unlink()
+            self.write(self.written[-1])
+            if len(self.written) > 1:
+                self.written[-2].unlink()
 
         return timed(both)
 
-    return write, write_and_unlink, buffer, size
+
+class ThreadCost:
+    """Per call of each method: the calling thread's CPU seconds and how often the kernel preempted it.
+
+    The op copies into staging and hashes on the calling thread while the disk writes; on a small host that
+    thread shares its CPUs with the block layer's completion work, and ``ru_nivcsw`` (involuntary context
+    switches) shows how often that work took its CPU away. The raw writes only wait.
+    """
+
+    def __init__(self):
+        self.cpu: Dict[str, List[float]] = defaultdict(list)
+        self.preempted: Dict[str, List[int]] = defaultdict(list)
+
+    def wrap(self, name: str, call: Callable[[int], float]) -> Callable[[int], float]:
+        def measured(round_index: int = 0) -> float:
+            before = resource.getrusage(resource.RUSAGE_THREAD)
+            seconds = call(round_index)
+            after = resource.getrusage(resource.RUSAGE_THREAD)
+            self.cpu[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+            self.preempted[name].append(after.ru_nivcsw - before.ru_nivcsw)
+            return seconds
+
+        return measured
 
 
 class Phases:
@@ -400,6 +450,12 @@ def main():
     parser.add_argument("--raw-unlink", action="store_true",
                         help=f"also measure '{RAW_UNLINK}': the raw write plus the unlink of the file of the round "
                              "before (the ceiling of a save that also deletes an old checkpoint)")
+    parser.add_argument("--block-size", type=parse_size, default=None,
+                        help="DeepSpeed's aio.block_size for fast_aio and the raw writes (default: DeepSpeed's, 1MiB)")
+    parser.add_argument("--queue-depth", type=integer_at_least(1), default=None,
+                        help="DeepSpeed's aio.queue_depth (default: DeepSpeed's, 8)")
+    parser.add_argument("--io-buffer-size", type=parse_size, default=None,
+                        help="fast_aio's io_buffer_size, bytes per staging half (default 16MiB)")
     parser.add_argument("--profile", type=integer_at_least(1), nargs="?", const=1, default=0, metavar="SAVES",
                         help="then time the phases of SAVES (default 1) more fast_aio saves")
     args = parser.parse_args()
@@ -412,20 +468,24 @@ def main():
     layers = layers_for(args.size, args.width)
     with tempfile.TemporaryDirectory(dir=args.dir or Path.cwd(), prefix="bench_save_") as scratch:
         root = Path(scratch)
-        fast_options = {"keep_last": KEEP}
+        fast_options = {"keep_last": KEEP, **({"io_buffer_size": args.io_buffer_size} if args.io_buffer_size else {})}
+        aio = {key: value for key, value in (("block_size", args.block_size), ("queue_depth", args.queue_depth))
+               if value is not None}
+
+        def engine(checkpoint: dict):
+            return make_engine(layers, args.width, checkpoint, aio)
+
         savers = {
-            FAST: Saver(make_engine(layers, args.width, {"engine": "fast_aio", "fast_aio": fast_options}),
-                        root / "fast_aio"),
-            DEFAULT: Saver(make_engine(layers, args.width, {}), root / "default"),
+            FAST: Saver(engine({"engine": "fast_aio", "fast_aio": fast_options}), root / "fast_aio"),
+            DEFAULT: Saver(engine({}), root / "default"),
         }
-        savers[NO_RECYCLE] = Saver(make_engine(layers, args.width, {
+        savers[NO_RECYCLE] = Saver(engine({
             "engine": "fast_aio", "fast_aio": {**fast_options, "recycle_retired": False}}), root / "no_recycle")
-        savers[BACKGROUND] = Saver(make_engine(layers, args.width, {
+        savers[BACKGROUND] = Saver(engine({
             "engine": "fast_aio", "fast_aio": {**fast_options, "recycle_retired": False, "background_delete": True}}),
             root / "background")
         if args.async_save:
-            savers[ASYNC] = Saver(make_engine(layers, args.width, {"engine": "fast_aio",
-                                                                   "fast_aio": {**fast_options, "async": True}}),
+            savers[ASYNC] = Saver(engine({"engine": "fast_aio", "fast_aio": {**fast_options, "async": True}}),
                                   root / "async")
         calls = {FAST: savers[FAST].fast, NO_RECYCLE: savers[NO_RECYCLE].fast,
                  BACKGROUND: savers[BACKGROUND].fast_background_delete,
@@ -437,33 +497,41 @@ def main():
                 call()
         nbytes = savers[FAST].bytes[-1]
         tuning = savers[FAST].engine.checkpoint_engine.tuning
-        raw, raw_unlink, buffer, raw_bytes = raw_writer(root, nbytes, tuning)
-        raw()
+        raw = RawWriter(root, nbytes, tuning)
+        raw.new()
         if args.raw_unlink:
-            raw_unlink()  # untimed: the first file, which the first timed call deletes
-        methods = {RAW: raw, **({RAW_UNLINK: raw_unlink} if args.raw_unlink else {}), **calls}
+            raw.new_and_unlink()  # untimed: the first file, which the first timed call deletes
+        raws = {RAW: raw.new, RAW_OVERWRITE: raw.overwrite, **({RAW_UNLINK: raw.new_and_unlink} if args.raw_unlink
+                                                                else {})}
+        methods = {**raws, **calls}
         print(f"{layers} x Linear({args.width}, {args.width}) fp32 + AdamW, ZeRO-1, 1 process on CPU; "
               f"{nbytes / 1e9:.3f} GB per fast_aio save; block_size {tuning['block_size'] >> 10} KiB, "
               f"queue_depth {tuning['queue_depth']}; {root}", flush=True)
 
         def written(name: str) -> int:
-            return raw_bytes if name in (RAW, RAW_UNLINK) else statistics.median(savers[name].bytes[WARM_UP_SAVES:])
+            return raw.size if name in raws else statistics.median(savers[name].bytes[WARM_UP_SAVES:])
 
         def progress(round_index: int, samples: Dict[str, List[float]]) -> None:
             print(f"round {round_index + 1}/{args.rounds}: " +
                   ", ".join(f"{name} {values[-1]:.2f} s" for name, values in samples.items()), flush=True)
 
-        samples = interleaved(methods, args.rounds, progress)
+        cost = ThreadCost()
+        samples = interleaved({name: cost.wrap(name, call) for name, call in methods.items()}, args.rounds, progress)
         median = medians(samples)
         gbps = {name: written(name) / seconds / 1e9 for name, seconds in median.items()}
-        vs_raw, vs_default = ratios(gbps, RAW), ratios(gbps, DEFAULT)
+        ceiling = max((RAW, RAW_OVERWRITE), key=gbps.get)  # the faster write is the ceiling
+        vs_raw, vs_default = ratios(gbps, ceiling), ratios(gbps, DEFAULT)
 
         print(f"\nmedian of {args.rounds} interleaved rounds, durable saves, keep_last {KEEP} (rotation timed)")
         width = max(len(name) for name in methods) + 2
-        print(f"{'method':<{width}}{'median s':>10}{'GB/save':>9}{'GB/s':>7}{'vs raw':>8}{'vs default':>12}")
+        print(f"{'method':<{width}}{'median s':>10}{'GB/save':>9}{'GB/s':>7}{'vs ceiling':>12}{'vs default':>12}"
+              f"{'thread CPU s':>14}{'preempted':>11}")
         for name in methods:
             print(f"{name:<{width}}{median[name]:10.3f}{written(name) / 1e9:9.3f}{gbps[name]:7.2f}"
-                  f"{format_ratio(vs_raw[name]):>8}{format_ratio(vs_default[name]):>12}")
+                  f"{format_ratio(vs_raw[name]):>12}{format_ratio(vs_default[name]):>12}"
+                  f"{statistics.median(cost.cpu[name]):14.3f}{statistics.median(cost.preempted[name]):11.0f}")
+        print("thread CPU s, preempted: medians per call of the calling thread's CPU time and involuntary context "
+              "switches")
         if args.async_save:
             returned = statistics.median(savers[ASYNC].returned[WARM_UP_SAVES:])
             print(f"{ASYNC}: save_checkpoint returned in {returned:.3f} s (median); committed and rotated "
@@ -472,7 +540,7 @@ def main():
         print(f"{BACKGROUND}: the rotated checkpoint's removal ran on {removal:.3f} s (median) after the save "
               "returned, on the ds_fastckpt-remover thread")
         for name in (FAST, NO_RECYCLE, BACKGROUND):
-            print(f"bars, {name}: / raw ceiling {vs_raw[name]:.2f} (bar >= 0.80, goal 0.95): "
+            print(f"bars, {name}: / ceiling ({ceiling}) {vs_raw[name]:.2f} (bar >= 0.80, goal 0.95): "
                   f"{'met' if vs_raw[name] >= 0.8 else 'NOT met'}; / {DEFAULT} {format_ratio(vs_default[name])} "
                   f"(bar >= 1.50x): {'met' if vs_default[name] >= 1.5 else 'NOT met'}")
         if args.raw_unlink:
@@ -480,8 +548,7 @@ def main():
                   "rotating save: write the bytes, delete as many)")
 
         if args.profile:
-            profile_saves(savers[FAST], args.profile, buffer, nbytes, median[RAW] * nbytes / raw_bytes)
-        del buffer
+            profile_saves(savers[FAST], args.profile, raw.buffer, nbytes, median[ceiling] * nbytes / raw.size)
         for saver in savers.values():
             saver.engine.destroy()
     if created is not None:
