@@ -261,9 +261,9 @@ def test_without_overwrite_an_existing_file_gets_new_blocks(ext4_dir):
     assert physical_extents(path)[0][1] != old_extents[0][1]
 
 
-def aligned_payload(size: int):
+def aligned_payload(size: int, seed: int):
     """A buffer for ``write_aligned`` and the ``size`` bytes the op writes from it: its first 4096-aligned window."""
-    buffer = torch.randint(0, 256, (size + 4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(size))
+    buffer = torch.randint(0, 256, (size + 4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     start = -buffer.data_ptr() % 4096
     return buffer, buffer[start:start + size].numpy().tobytes()
 
@@ -273,10 +273,10 @@ def test_write_aligned_overwrite_writes_over_the_files_blocks_in_place(ext4_dir,
     """The raw ceiling of a recycling save (benchmarks/bench_save.py): fio's write over a laid-out file."""
     path = ext4_dir / "ceiling.bin"
     op = load_op()
-    buffer, _ = aligned_payload(old_size)
+    buffer, _ = aligned_payload(old_size, seed=1)
     op.write_aligned(str(path), buffer, old_size, 4096, 2, True)
     inode, old_extents = os.stat(path).st_ino, physical_extents(path)
-    buffer, payload = aligned_payload(new_size)
+    buffer, payload = aligned_payload(new_size, seed=2)
     op.write_aligned(str(path), buffer, new_size, 4096, 2, True, "overwrite")
     assert path.read_bytes() == payload
     assert os.stat(path).st_ino == inode
