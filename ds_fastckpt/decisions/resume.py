@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 from ds_fastckpt.format.integrity import CheckpointIntegrityError
-from ds_fastckpt.format.names import LATEST_NAME, MANIFEST_NAME, tag_of_internal_name
+from ds_fastckpt.format.names import LATEST_NAME, MANIFEST_NAME
 from ds_fastckpt.format.records import CheckpointRecord, complete_checkpoints, scan
 from ds_fastckpt.format.small_files import excerpt, read_small_file
+from ds_fastckpt.format.tags import tag_problem
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,10 @@ def read_latest(save_dir: Path) -> Optional[str]:
 
     ``latest`` is a hint anyone may have written, so it is read as untrusted
     (``small_files``): a FIFO, a symlink, a device, more than 4096 bytes,
-    text that is not UTF-8, or that cannot be a directory name (longer than
-    255 bytes, control characters such as a second line) counts as
-    unreadable, with a warning that quotes an excerpt at most.
+    text that is not UTF-8, or text that breaks the tag rule
+    (``tags.tag_problem``, the rule every saved tag passed) counts as
+    unreadable, with a warning that quotes an excerpt at most. Surrounding
+    whitespace is stripped first, as DeepSpeed does.
     """
     path = Path(save_dir) / LATEST_NAME
     try:
@@ -46,10 +48,13 @@ def read_latest(save_dir: Path) -> Optional[str]:
     except UnicodeDecodeError:
         logger.warning("ignoring %s: it is not UTF-8 text: %s", path, excerpt(raw))
         return None
-    if len(text.encode()) > 255 or any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
-        logger.warning("ignoring %s: it does not hold one checkpoint tag: %s", path, excerpt(text))
+    if not text:
         return None
-    return text or None
+    problem = tag_problem(text)
+    if problem is not None:
+        logger.warning("ignoring %s: it does not hold one checkpoint tag (%s): %s", path, problem, excerpt(text))
+        return None
+    return text
 
 
 def choose_resume_tag(save_dir, damage_of: Optional[Callable[[CheckpointRecord], Optional[str]]] = None
@@ -122,7 +127,7 @@ def _newer_foreign_checkpoint(save_dir: Path, latest: Optional[str], records, ne
     checkpoint does, is resumed from unless one of ours was committed after
     it was last written to; it is never ours, so rotation leaves it alone.
     """
-    if latest is None or latest in (".", "..") or "/" in latest or "\0" in latest or tag_of_internal_name(latest):
+    if latest is None:  # read_latest returns tags that pass the tag rule only
         return None
     candidate = save_dir / latest
     try:
