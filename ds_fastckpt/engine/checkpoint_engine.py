@@ -132,6 +132,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._rotation = Rotation(policy_from_config(options), options.async_timeout_s)
         self._lock = save_dir_lock.OneLock()  # the save_dir lock this engine holds: one at a time
         self._saved_dirs: Set[str] = set()  # every save_dir saved into, resolved, for the fd audit
+        self._checkpoint_dirs: Set[str] = set()  # every checkpoint directory committed, resolved, for the fd audit
         self._checkpoint_save_next = False  # set by save_checkpoint: the next create() starts a checkpoint
         self._file_save = False  # between create() and commit() of a save that is not a checkpoint
         self._failed_pending: Optional[Path] = None  # pending dir of a save that failed, removed at the next
@@ -273,8 +274,11 @@ class FastAioCheckpointEngine(CheckpointEngine):
         """A host copy of ``state_dict`` within ``snapshot_max_bytes``; ``state_dict`` itself when it does not fit."""
         limit = self.options.snapshot_max_bytes
         try:
+            left = limit - save.snapshot_bytes
+            if limit and left <= 0:  # snapshot() reads a limit of 0 as none at all
+                raise SnapshotTooLargeError(f"this checkpoint's snapshots already took all {limit} bytes")
             with torch_zip_crc32(self.options.torch_crc32):
-                copy = snapshot(state_dict, limit - save.snapshot_bytes if limit else 0)
+                copy = snapshot(state_dict, left if limit else 0)
         except SnapshotTooLargeError as error:
             logger.warning("checkpoint %r: %d bytes left of snapshot_max_bytes=%d; writing this file now, with "
                            "training waiting for it (%s)", save.tag, limit - save.snapshot_bytes, limit, error)
@@ -343,7 +347,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._on_leader(lambda: self._publish(save, files), not_committed)
         self._failed_pending = None
         audit_fds(save.save_dir, save.tag, self.options.fd_audit, self._ranks, self._rotation.removing(),
-                  self._saved_dirs)
+                  self._saved_dirs, self._checkpoint_dirs)
         return True
 
     def verify_before_load(self, tag_dir: Path) -> None:
