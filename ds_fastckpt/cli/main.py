@@ -20,10 +20,11 @@ from typing import List, Optional, Tuple
 
 from ds_fastckpt.cli.arguments import integer_at_least
 from ds_fastckpt.cli.output import say, warn
-from ds_fastckpt.decisions.resume import read_latest
+from ds_fastckpt.decisions.resume import choose_resume_tag, read_latest
 from ds_fastckpt.decisions.retention import RetentionPolicy, policy_from_config
 from ds_fastckpt.decisions.rotation import Rotation
 from ds_fastckpt.engine.config import ConfigError, FastAioConfig, parse_fast_aio
+from ds_fastckpt.format.integrity import CheckpointIntegrityError
 from ds_fastckpt.format.records import CheckpointRecord, scan
 
 
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command")
 
-    ls = commands.add_parser("ls", help="list checkpoints: complete or not, size, latest, next to rotate")
+    ls = commands.add_parser("ls", help="list checkpoints: complete or not, size, latest, resume, next to rotate")
     ls.add_argument("dir", type=Path)
     ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     _policy_arguments(ls, required=False)
@@ -95,7 +96,15 @@ def _options(keep_last: int, keep_every: int) -> FastAioConfig:
     return parse_fast_aio({"fast_aio": {"keep_last": keep_last, "keep_every": keep_every}}, check_host=False)
 
 
-def _rows(save_dir: Path, policy: RetentionPolicy) -> List[dict]:
+def _resume_choice(save_dir: Path) -> Tuple[Optional[str], str]:
+    """What ``load_checkpoint(save_dir)`` without a tag would resume from, and why (``resume``)."""
+    try:
+        return choose_resume_tag(save_dir)
+    except CheckpointIntegrityError as error:
+        return None, f"none: the resume would stop: {error}"
+
+
+def _rows(save_dir: Path, policy: RetentionPolicy, resume_tag: Optional[str]) -> List[dict]:
     records = scan(save_dir, include_not_ours=True)
     latest = read_latest(save_dir)
     # What the engine's next rotation would delete: chosen as it chooses, nothing deleted.
@@ -115,6 +124,7 @@ def _rows(save_dir: Path, policy: RetentionPolicy) -> List[dict]:
             "age_s": round(now - (manifest.committed_unix_ns / 1e9 if manifest else
                                   os.lstat(save_dir / record.name).st_mtime), 1),
             "latest": record.complete and record.tag == latest,
+            "resume": record.complete and record.tag == resume_tag,
             "next_to_delete": record.name in doomed,
         })
     return rows
@@ -158,19 +168,23 @@ def _ls(args) -> int:
         options = parse_fast_aio(json.loads(args.config.read_text()).get("checkpoint") or {}, check_host=False)
     else:
         options = _options(args.keep_last or 0, args.keep_every)
-    rows = _rows(save_dir, policy_from_config(options))
+    resume_tag, why = _resume_choice(save_dir)
+    rows = _rows(save_dir, policy_from_config(options), resume_tag)
     if args.json:
         say(json.dumps(rows, indent=1))
         return 0
     header = f"{'TAG':<24} {'STEP':>8} {'STATE':<17} {'SIZE':>10} {'FILES':>5} {'AGE':>8}  NOTE"
     say(header)
     for row in rows:
-        notes = [text for flag, text in ((row["latest"], "latest"), (row["next_to_delete"], "next to rotate")) if flag]
+        notes = [text for flag, text in ((row["latest"], "latest"), (row["resume"], "resume"),
+                                         (row["next_to_delete"], "next to rotate")) if flag]
         step = "-" if row["step"] is None else row["step"]
         say(f"{row['tag']:<24} {step:>8} {row['state']:<17} {_size(row['bytes']):>10} {row['files']:>5} "
               f"{_age(row['age_s']):>8}  {', '.join(notes)}")
     if not rows:
         say(f"(no ds_fastckpt checkpoints in {save_dir})")
+    else:
+        say(f"resume: {why}")
     return 0
 
 

@@ -49,10 +49,27 @@ def test_ls_table(trained, capsys):
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["TAG", "STEP", "STATE"]
     # global_step10, retired by the last save's rotation, is the spare the next save writes over.
-    assert [line.split()[0] for line in lines[1:]] == ["global_step20", "global_step30", "global_step40",
-                                                       "global_step10"]
-    assert lines[1].endswith("next to rotate") and lines[3].endswith("latest")
+    assert [line.split()[0] for line in lines[1:5]] == ["global_step20", "global_step30", "global_step40",
+                                                        "global_step10"]
+    assert lines[1].endswith("next to rotate") and lines[3].endswith("latest, resume")
     assert "spare (the next save writes over it)" in lines[4]
+    assert lines[5] == "resume: 'latest' names 'global_step40', a complete checkpoint"
+
+
+def test_ls_marks_what_a_resume_takes_and_why(copy_of, capsys):
+    (copy_of / "latest").write_text("global_step99")
+    code, out, _ = run(capsys, "ls", copy_of, "--json")
+    rows = json.loads(out)
+    assert code == 0 and [row["tag"] for row in rows if row["resume"]] == ["global_step40"]
+    (copy_of / "latest").write_text("global_step20")
+    code, out, _ = run(capsys, "ls", copy_of)
+    lines = out.splitlines()
+    assert lines[1].startswith("global_step20") and lines[1].endswith("latest, resume")
+    assert lines[-1] == "resume: 'latest' names 'global_step20', a complete checkpoint"
+    (copy_of / "latest").unlink()
+    code, out, _ = run(capsys, "ls", copy_of)
+    assert out.splitlines()[-1] == (f"resume: 'latest' is missing, empty or unreadable; resuming from "
+                                    f"'global_step40', the newest complete checkpoint in {copy_of}")
 
 
 def test_ls_json_and_config(trained, capsys):
@@ -60,8 +77,9 @@ def test_ls_json_and_config(trained, capsys):
     rows = json.loads(out)
     assert code == 0 and [row["tag"] for row in rows] == ["global_step20", "global_step30", "global_step40",
                                                           "global_step10"]
-    assert all({"tag", "step", "complete", "bytes", "latest"} <= row.keys() for row in rows)
+    assert all({"tag", "step", "complete", "bytes", "latest", "resume"} <= row.keys() for row in rows)
     assert [row["latest"] for row in rows] == [False, False, True, False]
+    assert [row["resume"] for row in rows] == [False, False, True, False]
     assert [row["step"] for row in rows[:3]] == [20, 30, 40] and all(row["bytes"] > 0 for row in rows[:3])
     assert [row["next_to_delete"] for row in rows] == [False, False, False, True]  # keep_last 3 keeps all three
     assert (rows[3]["complete"], rows[3]["state"]) == (False, "spare (the next save writes over it)")

@@ -1,4 +1,4 @@
-"""load_checkpoint(dir) resumes from the newest complete checkpoint whatever `latest` says."""
+"""load_checkpoint(dir) resumes from what `latest` names when it is complete, else from the newest complete one."""
 
 import logging
 import os
@@ -25,8 +25,8 @@ def resume(save_dir, **fast_aio):
     return engine, path
 
 
-@pytest.mark.parametrize("latest", [None, "", "global_step1", "global_step7", "garbage\n"])
-def test_resumes_from_newest_complete(two_checkpoints, caplog, latest):
+@pytest.mark.parametrize("latest", [None, "", "global_step7", "garbage\n"])
+def test_a_broken_latest_resumes_from_newest_complete(two_checkpoints, caplog, latest):
     save_dir, newest_state = two_checkpoints
     if latest is None:
         (save_dir / "latest").unlink()
