@@ -5,11 +5,12 @@ facts, so no rank has to be told its share.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ds_fastckpt.native.op import DIRECT_ALIGNMENT, load_op
 
 Range = Tuple[int, int]  # [start, end) in the file
+Digest = Tuple[int, int]  # a storage's (byte size, CRC-32C of its bytes)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,24 @@ def split_shares(file_size: int, shareable: Sequence[Range], writers: int) -> Li
             start += take
             done += take
     return [_merged(ranges) for ranges in shares]
+
+
+def identical_storages(digests: Sequence[Optional[Sequence[Digest]]]) -> List[int]:
+    """Which storages every writer holds with the same bytes: the only ones any writer but writer 0 may write.
+
+    Args:
+        digests: each writer's ``Digest`` of each of its candidate storages, in save order, writer 0's
+            first; None for a writer that takes no part (its save already failed).
+
+    Returns:
+        The indices, into writer 0's list, of the storages whose digest every writer sent alike; none when a
+        writer takes no part or holds another number of storages (its storages cannot be matched).
+    """
+    leader, others = digests[0], digests[1:]
+    if leader is None or any(other is None or len(other) != len(leader) for other in others):
+        return []
+    return [index for index, digest in enumerate(leader)
+            if all(tuple(other[index]) == tuple(digest) for other in others)]
 
 
 class SharesDoNotTileError(ValueError):

@@ -125,6 +125,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._writers: Optional[WriterGroup] = None if data_parallel_ranks is None or parallel_writers == "off" \
             else form_writer_group(parallel_writers, node_local, data_parallel_ranks, self._ranks)
         self._next_replicated: Optional[Path] = None
+        self._per_rank: Tuple[torch.Tensor, ...] = ()  # from prepare_save: parameters never shared (plan_share)
         self._loader = VerifiedLoader(options, tuning, self._ranks.gather, node_local=node_local)
         self._background: Optional[BackgroundWriter] = None
         self._remover: Optional[BackgroundWriter] = None  # sync saves with background_delete only
@@ -145,17 +146,21 @@ class FastAioCheckpointEngine(CheckpointEngine):
         elif options.background_delete:
             self._remover = BackgroundWriter(REMOVER_THREAD_NAME)
 
-    def prepare_save(self, step: Optional[int], save_latest: bool, replicated: Optional[str] = None) -> None:
+    def prepare_save(self, step: Optional[int], save_latest: bool, replicated: Optional[str] = None,
+                     per_rank: Sequence[torch.Tensor] = ()) -> None:
         """Called by the ``save_checkpoint`` hook: the step for the manifest and whether to write ``latest``.
 
         DeepSpeed itself writes ``latest`` with a plain ``open('w')`` after
         ``commit``; the hook tells DeepSpeed not to and this engine writes it
         atomically instead. ``replicated`` is the model-states file that
-        every rank of this rank's writer group saves (``parallel_writers``).
+        every rank of this rank's writer group saves (``parallel_writers``);
+        ``per_rank`` the parameters DeepSpeed marks as each rank's own
+        (``ds_optim_param``), which only the leader writes of that file.
         """
         self._next_step = step
         self._next_save_latest = save_latest
         self._next_replicated = None if replicated is None else Path(replicated).absolute()
+        self._per_rank = tuple(per_rank)
         self._checkpoint_save_next = True
         self._file_save = False
 
@@ -264,7 +269,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
             with torch_zip_crc32(self.options.torch_crc32):  # decides whether the file can be laid out first
                 return plan_share(state_dict, self._writers,
                                   lambda size: save.make_shared_file(target, size, self.options.recycle_retired),
-                                  f"checkpoint {save.tag!r}, {target.name}", taking_part=save.failed is None)
+                                  f"checkpoint {save.tag!r}, {target.name}", taking_part=save.failed is None,
+                                  per_rank=self._per_rank)
         except Exception as error:  # commit() raises it, once every rank has heard, so that none waits for us
             save.failed = save.failed or error
             logger.error("writing %s failed; checkpoint %r will not be committed: %s", target, save.tag, error)

@@ -139,11 +139,13 @@ def _hook_save(original):
             return original(self, *args, **kwargs)
         tag = bound.arguments["tag"]
         tag = validate_tag(f"global_step{self.global_steps}" if tag is None else tag)
-        replicated = None
+        replicated, per_rank = None, ()
         if self.checkpoint_engine.writes_in_parallel:  # the model-states file every data-parallel rank saves
             replicated = self._get_ckpt_name(bound.arguments["save_dir"], tag)
+            # What _broadcast_model leaves per rank (OptimizedLinear's sharded base weights): the leader's alone
+            per_rank = [param for param in self.module.parameters() if hasattr(param, "ds_optim_param")]
         self.checkpoint_engine.prepare_save(step=self.global_steps, save_latest=bound.arguments["save_latest"],
-                                            replicated=replicated)
+                                            replicated=replicated, per_rank=per_rank)
         bound.arguments["save_latest"] = False  # the engine writes it, atomically, in commit()
         try:
             return original(*bound.args, **bound.kwargs)

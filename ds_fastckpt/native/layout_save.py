@@ -27,9 +27,10 @@ skip_data leaves out: with torch's CRC32 on, the engine uses plain
 
 import io
 import pickle
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 from torch.serialization import DEFAULT_PROTOCOL, get_crc32_options
 
 from ds_fastckpt.native.device_copy import DeviceCopier, bytes_of, host_copy_of_bytes, wait_for_host_copies, write_piece
@@ -129,19 +130,51 @@ class Layout:
             write_piece(piece if isinstance(piece, bytes) else bytes_of(piece), writer, copiers)
 
 
-def parameter_storages(state_dict) -> List[torch.UntypedStorage]:
-    """The storages of the module parameters in a DeepSpeed model-states dict, in save order; buffers left out.
+def parameter_storages(state_dict, per_rank: Sequence[torch.Tensor] = ()) -> List[torch.UntypedStorage]:
+    """The storages of the module parameters in a DeepSpeed model-states dict, in save order.
 
-    These are what every data-parallel rank holds identically (buffers, such
-    as batch-norm statistics, and ``client_state`` may differ between ranks).
+    These are what data-parallel ranks may hold identically. Left out: buffers
+    (``buffer_names``, such as batch-norm statistics), modules' extra state
+    (``get_extra_state()``, keys ending in torch's ``_extra_state``, such as
+    FP8 scaling metadata), and any parameter storage that one of those also
+    views; they, ``client_state`` and everything else outside ``module`` may
+    differ between ranks.
+
+    Args:
+        state_dict: the dict DeepSpeed saves into the model-states file.
+        per_rank: parameters each rank holds its own of (DeepSpeed marks them ``ds_optim_param``:
+            ``OptimizedLinear``'s sharded base weights); their storages are left out too.
     """
     module = state_dict.get("module") if isinstance(state_dict, dict) else None
     if not isinstance(module, dict):
         return []
     buffers = set(state_dict.get("buffer_names") or ())
-    parameters = {name: value for name, value in module.items()
-                  if name not in buffers and isinstance(value, torch.Tensor)}
-    return [storage for storage in storages_in_save_order(parameters) if storage.nbytes()]
+    parameters, others = {}, []
+    for name, value in module.items():
+        if name in buffers or _is_extra_state(name):
+            others.append(value)
+        elif isinstance(value, torch.Tensor):
+            parameters[name] = value
+    not_parameters = {storage._cdata for storage in _storages_of_tensors_in([*others, *per_rank])}
+    return [storage for storage in storages_in_save_order(parameters)
+            if storage.nbytes() and storage._cdata not in not_parameters]
+
+
+def _is_extra_state(key: str) -> bool:
+    """Whether a ``state_dict`` key holds a module's ``get_extra_state()`` (``prefix + "_extra_state"``)."""
+    return key.rpartition(".")[2] == _EXTRA_STATE_KEY_SUFFIX
+
+
+def _storages_of_tensors_in(values) -> Iterator[torch.UntypedStorage]:
+    """The untyped storages of the tensors in ``values``, also inside lists, tuples and dicts (extra state is any
+    object); nothing is pickled, so an object that cannot be is no error here."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value.untyped_storage()
+        elif isinstance(value, dict):
+            yield from _storages_of_tensors_in(value.values())
+        elif isinstance(value, (list, tuple)):
+            yield from _storages_of_tensors_in(value)
 
 
 def lay_out(obj) -> Layout:

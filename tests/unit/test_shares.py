@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from ds_fastckpt.decisions.shares import RankFacts, SharesDoNotTileError, joined_crc32c, split_shares, writer_groups
+from ds_fastckpt.decisions.shares import (RankFacts, SharesDoNotTileError, identical_storages, joined_crc32c,
+                                         split_shares, writer_groups)
 from ds_fastckpt.native.op import DIRECT_ALIGNMENT as ALIGNMENT
 from ds_fastckpt.native.op import load_op
 
@@ -77,6 +78,19 @@ def test_the_split_evens_out_the_bytes_each_writer_writes():
 
 def test_the_others_take_every_shared_byte_when_writer_zero_has_its_fair_part_already():
     assert split_shares(100 << 20, [(0, 8192)], 2) == [[], [(0, 8192)]]
+
+
+@pytest.mark.parametrize("digests, expected", [
+    ([[(8, 1), (8, 2), (4, 3)], [(8, 1), (8, 2), (4, 3)], [(8, 1), (8, 2), (4, 3)]], [0, 1, 2]),
+    ([[(8, 1), (8, 2), (4, 3)], [(8, 1), (8, 9), (4, 3)], [(8, 1), (8, 2), (4, 3)]], [0, 2]),  # other bytes
+    ([[(8, 1), (8, 2)], [(8, 1), (16, 2)]], [0]),  # the same CRC, another size
+    ([[(8, 1), (8, 2)], [(8, 1)]], []),  # another number of storages: none can be matched
+    ([[(8, 1)], None], []),  # a writer whose save failed
+    ([None, [(8, 1)]], []),
+    ([[(8, 1)], [[8, 1]]], [0]),  # lists, as a gather may hand tuples back
+])
+def test_only_storages_identical_on_every_writer_are_shared(digests, expected):
+    assert identical_storages(digests) == expected
 
 
 def test_joined_crc_equals_the_crc_of_the_whole_file():
