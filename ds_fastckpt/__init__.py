@@ -20,6 +20,8 @@ from ds_fastckpt.format.manifest import ManifestError
 from ds_fastckpt.format.safe_load import UnsafeCheckpointError
 from ds_fastckpt.format.save_dir_lock import SaveDirLockedError
 from ds_fastckpt.format.tags import InvalidTagError
+from ds_fastckpt.integrations import wiring as _integration_wiring
+from ds_fastckpt.integrations.pending_checkpoints import PendingCheckpointError
 from ds_fastckpt.native.fd_accounting import (OpenFd, OpFdCounters, deleted_fds_under, op_fd_counters, open_fds,
                                               open_fds_under)
 from ds_fastckpt.native.op_builder import FastCkptBuilder
@@ -27,6 +29,7 @@ from ds_fastckpt.native.staging import StagingBuffer
 from ds_fastckpt.native.writer import AioFileWriter
 
 registration.install()
+_integration_wiring.install()  # the Hugging Face Trainer and accelerate, now or when they are imported
 
 __all__ = [
     "AioFileWriter",
@@ -43,6 +46,7 @@ __all__ = [
     "ManifestError",
     "OpFdCounters",
     "OpenFd",
+    "PendingCheckpointError",
     "SaveDirLockedError",
     "StagingBuffer",
     "UnsafeCheckpointError",

@@ -22,11 +22,22 @@ for ``checkpoint-N/global_step*``. Two things follow with ``"async": true``:
   whose tag is still in flight: keep ``save_total_limit`` at 2 or more, so a
   complete checkpoint is always left.
 
+Importing ``ds_fastckpt`` does both without any of this
+(``ds_fastckpt.integrations.wiring``): ``patch_trainer_utils``,
+``patch_deepspeed_integration`` and ``patch_trainer`` below make
+``get_last_checkpoint`` (``resume_from_checkpoint=True``) pass over a
+``checkpoint-N`` whose only DeepSpeed tag is pending, make
+``deepspeed_load_checkpoint`` commit the checkpoint in flight before it looks
+for ``global_step*`` (and name a pending one rather than "Can't find a valid
+checkpoint"), and give every ``Trainer`` a ``FastAioTrainerCallback``.
+
 Importing this module does not import ``transformers``; accessing
 ``FastAioTrainerCallback`` does (the class subclasses
 ``transformers.TrainerCallback``).
 """
 
+import functools
+import glob
 import logging
 import os
 import re
@@ -34,8 +45,10 @@ from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 from ds_fastckpt.decisions.resume import choose_resume_tag
-from ds_fastckpt.engine.in_flight import wait_all
+from ds_fastckpt.engine.in_flight import wait, wait_all
 from ds_fastckpt.format.integrity import CheckpointIntegrityError
+from ds_fastckpt.integrations.pending_checkpoints import (is_pending_only, pending_checkpoint_error,
+                                                          uncommitted_tags)
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +124,9 @@ def _make_callback_class():
         training (``state.global_step >= state.max_steps`` or
         ``control.should_training_stop``) and at ``on_train_end``. Saves in
         the middle of a run stay asynchronous. Harmless with synchronous
-        saves and other checkpoint engines.
+        saves and other checkpoint engines. Importing ``ds_fastckpt`` adds one
+        to every ``Trainer`` (right after ``DefaultFlowCallback``) unless one
+        is passed.
 
         Example:
             trainer = Trainer(model=model, args=args, train_dataset=data,
@@ -133,13 +148,109 @@ def _make_callback_class():
 
 
 _callback_class = None
+_WIRED = "_ds_fastckpt_wired"
+
+
+def _wired(wrapper, original):
+    functools.update_wrapper(wrapper, original)
+    setattr(wrapper, _WIRED, True)
+    return wrapper
+
+
+def _resumable_last_checkpoint(original):
+    """``get_last_checkpoint`` that passes over a newest ``checkpoint-N`` whose DeepSpeed tag is only pending."""
+
+    def get_last_checkpoint(folder, *args, **kwargs):
+        found = original(folder, *args, **kwargs)
+        if found is None or not is_pending_only(found):
+            return found
+        instead = last_complete_checkpoint(folder)
+        logger.warning("%s holds DeepSpeed checkpoint %s only as a pending directory, never committed (the job "
+                       "ended while its async save was in flight): %s", found, ", ".join(uncommitted_tags(found)),
+                       f"resuming from {instead}, the newest complete checkpoint" if instead is not None
+                       else "no complete checkpoint is left, so there is nothing to resume from")
+        return instead
+
+    return _wired(get_last_checkpoint, original)
+
+
+def _committing_load(original):
+    """``deepspeed_load_checkpoint`` that commits the checkpoint in flight first and names a pending one."""
+
+    def deepspeed_load_checkpoint(deepspeed_engine, checkpoint_path, *args, **kwargs):
+        # load_best_model_at_end's checkpoint is often the last save, still in flight: commit it before the
+        # Trainer globs for global_step*. Every rank gets here.
+        wait(deepspeed_engine)
+        if not glob.glob(f"{glob.escape(str(checkpoint_path))}/global_step*"):
+            pending = uncommitted_tags(checkpoint_path)
+            if pending:
+                folder = Path(checkpoint_path)
+                instead = last_complete_checkpoint(folder.parent)
+                what_to_do = (f"Resume from {instead}, the newest complete checkpoint: "
+                              f"trainer.train(resume_from_checkpoint={instead!r}), or resume_from_checkpoint=True, "
+                              "which picks it." if instead is not None
+                              else f"No complete checkpoint is in {folder.parent}: train without resuming.")
+                raise pending_checkpoint_error(folder, pending[-1], instead, what_to_do)
+        return original(deepspeed_engine, checkpoint_path, *args, **kwargs)
+
+    return _wired(deepspeed_load_checkpoint, original)
+
+
+def _init_with_callback(original):
+    """``Trainer.__init__`` that adds a ``FastAioTrainerCallback`` right after ``DefaultFlowCallback``.
+
+    First among the callbacks that are not the Trainer's own, so the final save is committed before any
+    user callback changes the weights. None is added when the user passed one.
+    """
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        handler = getattr(self, "callback_handler", None)
+        callback_class = _callback_type()
+        if handler is None or any(isinstance(callback, callback_class) for callback in handler.callbacks):
+            return
+        from transformers.trainer_callback import DefaultFlowCallback
+
+        flow = [index for index, callback in enumerate(handler.callbacks) if isinstance(callback, DefaultFlowCallback)]
+        handler.callbacks.insert(flow[0] + 1 if flow else 0, callback_class())
+
+    return _wired(__init__, original)
+
+
+def _patch_attribute(owner, name: str, wrap) -> None:
+    original = getattr(owner, name, None)
+    if original is not None and not getattr(original, _WIRED, False):
+        setattr(owner, name, wrap(original))
+
+
+def patch_trainer_utils(module) -> None:
+    """Wraps ``transformers.trainer_utils.get_last_checkpoint``; idempotent."""
+    _patch_attribute(module, "get_last_checkpoint", _resumable_last_checkpoint)
+
+
+def patch_deepspeed_integration(module) -> None:
+    """Wraps ``transformers.integrations.deepspeed.deepspeed_load_checkpoint``; idempotent."""
+    _patch_attribute(module, "deepspeed_load_checkpoint", _committing_load)
+
+
+def patch_trainer(module) -> None:
+    """Wraps the names ``transformers.trainer`` imported before it was patched, and ``Trainer.__init__``; idempotent."""
+    _patch_attribute(module, "get_last_checkpoint", _resumable_last_checkpoint)
+    _patch_attribute(module, "deepspeed_load_checkpoint", _committing_load)
+    trainer_class = getattr(module, "Trainer", None)
+    if trainer_class is not None:
+        _patch_attribute(trainer_class, "__init__", _init_with_callback)
+
+
+def _callback_type():
+    global _callback_class
+    if _callback_class is None:
+        _callback_class = _make_callback_class()
+    return _callback_class
 
 
 def __getattr__(name: str) -> Any:
     """Builds ``FastAioTrainerCallback`` on first access, so importing this module never imports transformers."""
-    global _callback_class
     if name == "FastAioTrainerCallback":
-        if _callback_class is None:
-            _callback_class = _make_callback_class()
-        return _callback_class
+        return _callback_type()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,11 +31,10 @@ from accelerate import PartialState  # noqa: E402
 from accelerate.state import AcceleratorState  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-import ds_fastckpt  # noqa: E402,F401  (the import is the wiring)
+import ds_fastckpt  # noqa: E402  (the import is the wiring, also for transformers imported before it)
 from ds_fastckpt import open_fds_under  # noqa: E402
 from ds_fastckpt.decisions.resume import choose_resume_tag  # noqa: E402
 from ds_fastckpt.format.names import LOCK_NAME
-from ds_fastckpt.integrations import FastAioTrainerCallback, last_complete_checkpoint  # noqa: E402
 
 STEPS = 8
 SEQ = 16
@@ -255,15 +254,19 @@ def save_16bit_beside_checkpoint(trainer: Trainer, checkpoint_dir: Path) -> dict
 
 
 def best_model(out: Path, job: str, asynchronous: bool) -> dict:
-    """``load_best_model_at_end`` where the best checkpoint is the last save (the loss keeps falling)."""
+    """``load_best_model_at_end`` where the best checkpoint is the last save (the loss keeps falling).
+
+    No ``FastAioTrainerCallback`` is passed: importing ds_fastckpt gave the Trainer one, ahead of the user's
+    callbacks, so the last save is committed before ``PerturbAfterLastSave`` moves the weights.
+    """
     config = ds_config(2, **({"async": True} if asynchronous else {}))
-    # FastAioTrainerCallback first: it commits the last save before the weights move.
-    callbacks = [FastAioTrainerCallback()] if asynchronous else []
-    callbacks.append(PerturbAfterLastSave())
-    trainer = make_trainer(out / job, config, callbacks=callbacks, eval_strategy="steps", eval_steps=2,
-                           load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    trainer = make_trainer(out / job, config, callbacks=[PerturbAfterLastSave()], eval_strategy="steps",
+                           eval_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                           greater_is_better=False)
+    callbacks = [type(callback).__name__ for callback in trainer.callback_handler.callbacks]
     trainer.train()
-    result = {"best_model_checkpoint": os.path.relpath(trainer.state.best_model_checkpoint, out / job),
+    result = {"callbacks": callbacks,
+              "best_model_checkpoint": os.path.relpath(trainer.state.best_model_checkpoint, out / job),
               "eval_losses": [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]}
     finish(trainer, out, job, result)
     trainer.model_wrapped.destroy()
@@ -276,11 +279,40 @@ def killed_async(out: Path, job: str) -> dict:
     return {"survived": True}  # never reached: the callback kills this process at step KILL_AT_STEP
 
 
-def resume_last_complete(out: Path, job: str) -> dict:
-    checkpoint = last_complete_checkpoint(out / job)
-    result = {"last_complete_checkpoint": os.path.relpath(checkpoint, out / job) if checkpoint else None}
-    result.update(train_job(out, job, ds_config(2, **{"async": True}), resume=checkpoint,
-                            callbacks=[FastAioTrainerCallback()]))
+class RecordStart(TrainerCallback):
+    """Records the step training starts at (the resumed checkpoint's)."""
+
+    def __init__(self, result: dict):
+        self.result = result
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.result["started_at_step"] = state.global_step
+        return control
+
+
+def resume_pending_by_name(out: Path, job: str) -> dict:
+    """``resume_from_checkpoint=<the pending checkpoint-N>``: reported, and nothing in output_dir changes."""
+    trainer = make_trainer(out / job, ds_config(2, **{"async": True}))
+    checkpoint = out / job / f"checkpoint-{KILL_AT_STEP}"
+    result = {"checkpoint": str(checkpoint)}
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+        result["trained"] = True
+    except Exception as error:
+        result.update(type=type(error).__name__, message=str(error),
+                      is_pending_error=isinstance(error, getattr(ds_fastckpt, "PendingCheckpointError", ())),
+                      instead=str(getattr(error, "instead", None)))
+    result["dirs_after"] = sorted(os.listdir(checkpoint))
+    if trainer.model_wrapped is not trainer.model:
+        trainer.model_wrapped.destroy()
+    return result
+
+
+def resume_after_kill(out: Path, job: str) -> dict:
+    """``resume_from_checkpoint=True``, nothing else: the wiring passes over the pending checkpoint-N."""
+    result = {}
+    result.update(train_job(out, job, ds_config(2, **{"async": True}), resume=True,
+                            callbacks=[RecordStart(result)]))
     return result
 
 
@@ -301,7 +333,8 @@ def plan_jobs(plan: str, out: Path):
         yield "part_z2", lambda: train_job(out, "part_z2", ds_config(2), resume=True)
         yield "part_z3", lambda: train_job(out, "part_z3", ds_config(3), resume=True)
         yield "migrate", lambda: train_job(out, "migrate", ds_config(2), resume=True)
-        yield "killed", lambda: resume_last_complete(out, "killed")
+        yield "killed_by_name", lambda: resume_pending_by_name(out, "killed")  # before "killed" rewrites it
+        yield "killed", lambda: resume_after_kill(out, "killed")
     elif plan == "two_first":
         yield "two_ref_z3", lambda: train_job(out, "two_ref_z3", ds_config(3))
         yield "two_part_z3", lambda: save_model_beside_checkpoints(out, "two_part_z3", 3)

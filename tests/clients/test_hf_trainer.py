@@ -6,7 +6,8 @@ saw as JSON and leaves its output_dirs for these tests to read. Plans, in order:
 ``first`` (1 process: uninterrupted references, 4-step runs to resume,
 ``save_model``, ``load_best_model_at_end``, 40 saves of descriptors,
 ``save_16bit_model``), ``kill`` (an async job SIGKILLed right after a save),
-``resume`` (a fresh process resumes them all), then ``two_first`` and
+``resume`` (a fresh process resumes them all with ``resume_from_checkpoint=True``,
+after naming the killed job's pending checkpoint-4 once), then ``two_first`` and
 ``two_resume`` (the same resume and ``save_model`` on 2 processes, ZeRO-3).
 """
 
@@ -181,9 +182,12 @@ def test_save_model_under_zero3_saves_a_checkpoint_beside_checkpoint_dirs(one_pr
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_load_best_model_at_end_loads_the_last_checkpoint(one_process, mode):
+    """No FastAioTrainerCallback passed: importing ds_fastckpt wires it in, first after the Trainer's own."""
     out = one_process["out"]
     name = f"best_{mode}"
     result = job(one_process["first"], name)
+    assert result["callbacks"][:3] == ["DefaultFlowCallback", "FastAioTrainerCallback", "PerturbAfterLastSave"]
+    assert result["callbacks"].count("FastAioTrainerCallback") == 1
     losses = result["eval_losses"]
     assert len(losses) == 4 and all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
     assert result["best_model_checkpoint"] == "checkpoint-8" and result["global_step"] == 8
@@ -219,10 +223,24 @@ def test_killed_async_job_resumes_from_the_last_complete_checkpoint(one_process)
     assert ".global_step4.ds_fastckpt-tmp" in after_kill["checkpoint_4"]
     assert not [entry for entry in after_kill["checkpoint_4"] if entry.startswith("global_step")]
     assert after_kill["last_complete_checkpoint"] == str(out / "killed" / "checkpoint-2")
+    # resume_from_checkpoint=True, nothing else: the Trainer passes over checkpoint-4 and resumes at step 2.
     result = job(one_process["resume"], "killed")
-    assert result["last_complete_checkpoint"] == "checkpoint-2"
+    assert result["resumed_from"] == "True" and result["started_at_step"] == 2
     assert result["global_step"] == 8
     assert_same_final_state(out, "killed", "ref_z2")  # async saves, resumed at step 2: still bit-exact
+
+
+def test_resuming_from_a_pending_checkpoint_by_name_says_what_to_resume_from(one_process):
+    out, after_kill = one_process["out"], one_process["after_kill"]
+    result = job(one_process["resume"], "killed_by_name")
+    folder, complete = out / "killed" / "checkpoint-4", out / "killed" / "checkpoint-2"
+    assert result["type"] == "PendingCheckpointError" and result["is_pending_error"], result
+    assert result["instead"] == str(complete)
+    message = result["message"]
+    assert f"checkpoint 'global_step4' in {folder} was never committed" in message
+    assert ".global_step4.ds_fastckpt-tmp" in message and "still in flight when the process" in message
+    assert f"trainer.train(resume_from_checkpoint={str(complete)!r})" in message
+    assert result["dirs_after"] == after_kill["checkpoint_4"]  # the failed resume changed nothing there
 
 
 def test_migration_from_deepspeeds_default_engine(one_process):
@@ -252,9 +270,19 @@ def test_last_complete_checkpoint_skips_a_damaged_checkpoint(one_process, tmp_pa
 def test_importing_the_package_does_not_import_transformers():
     code = ("import sys, ds_fastckpt, ds_fastckpt.integrations, ds_fastckpt.integrations.huggingface as hf\n"
             "assert 'transformers' not in sys.modules, 'imported transformers'\n"
+            "assert 'accelerate' not in sys.modules, 'imported accelerate'\n"
             "import transformers\n"
             "assert issubclass(hf.FastAioTrainerCallback, transformers.TrainerCallback)\n"
-            "assert ds_fastckpt.integrations.FastAioTrainerCallback is hf.FastAioTrainerCallback\n")
+            "assert ds_fastckpt.integrations.FastAioTrainerCallback is hf.FastAioTrainerCallback\n"
+            # imported after ds_fastckpt: wired by the import hook, once even when installed again
+            "import transformers.trainer as trainer, transformers.trainer_utils as utils\n"
+            "from transformers.integrations import deepspeed_load_checkpoint\n"
+            "from accelerate import Accelerator\n"
+            "ds_fastckpt.integrations.wiring.install()\n"
+            "for wired in (trainer.get_last_checkpoint, utils.get_last_checkpoint, trainer.deepspeed_load_checkpoint,\n"
+            "              deepspeed_load_checkpoint, trainer.Trainer.__init__, Accelerator.load_state):\n"
+            "    assert getattr(wired, '_ds_fastckpt_wired', False), wired\n"
+            "    assert not getattr(wired.__wrapped__, '_ds_fastckpt_wired', False), wired\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
