@@ -16,15 +16,18 @@ a save, and the CLI's ``ls`` and ``prune`` all go through ``Rotation``:
    instead and not removed: the next save writes over its files in place,
    and the rotation after it removes the spare with the leftovers.
 3. While a submitted removal runs, ``scan`` leaves its trash directory out,
-   so that no one deletes it twice; ``finish_removals`` waits for all.
+   and it owns that name (``deleter.hand_over``): retiring the same tag
+   again waits for it, so that no one deletes it twice; ``finish_removals``
+   waits for all.
 """
 
 import concurrent.futures
 import logging
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Collection, Iterable, List, Optional, Tuple
 
-from ds_fastckpt.decisions.deleter import remove_retired, retire
+from ds_fastckpt import storage
+from ds_fastckpt.decisions.deleter import UnsafeDeletionError, hand_over, remove_retired, retire
 from ds_fastckpt.decisions.leftovers import leftovers_to_delete
 from ds_fastckpt.decisions.resume import read_latest
 from ds_fastckpt.decisions.retention import AnyOf, ProtectedTags, RetentionContext, RetentionPolicy, unkept
@@ -95,12 +98,18 @@ class Rotation:
         return choose(records, self.policy, {*protected, *filter(None, [latest])}, incoming)
 
     def apply(self, save_dir, protected: Iterable[str] = (), incoming: int = 0,
-              submit: Optional[Submit] = None, keep_spare: bool = False) -> List[CheckpointRecord]:
+              submit: Optional[Submit] = None, keep_spare: bool = False,
+              leftovers: Optional[Collection[str]] = None) -> List[CheckpointRecord]:
         """Deletes what ``choose`` chooses; returns those records.
 
         Every chosen directory is retired first and save_dir fsynced once,
         so a crash at ``mid_rotation`` leaves trash directories, never a
-        half-deleted checkpoint that looks complete.
+        half-deleted checkpoint that looks complete. Leftovers are retired
+        before checkpoints, so a tag's old spare or trash is out of the way
+        before that tag is retired again. A directory this process may not
+        change (``chmod -R a-w`` to keep a checkpoint) is left where it is,
+        complete and loadable, with a warning naming it; a directory that
+        cannot be retired or removed is logged and the others still go.
 
         Args:
             save_dir: the checkpoint directory.
@@ -108,43 +117,78 @@ class Rotation:
             incoming: checkpoints about to be written that will count toward the policy.
             submit: runs the removals off this thread (the engine's background writer); None removes here.
             keep_spare: keep the newest chosen checkpoint as the spare (``recycle_retired``).
+            leftovers: delete only leftovers of these kinds ("trash", "pending", "spare") and no checkpoint.
 
         Raises:
             UnsafeDeletionError: if a chosen directory is no longer ours, or is a symlink.
-            OSError: from rename, fsync or unlink, with errno and path.
+            OSError: from rename, fsync or unlink, with errno and path: the first, once the rest is done.
         """
         save_dir = Path(save_dir)
         self._forget_finished()
-        doomed = self.choose(save_dir, protected=protected, incoming=incoming)
+        chosen = self.choose(save_dir, protected=protected, incoming=incoming)
+        if leftovers is not None:
+            chosen = [record for record in chosen if record.leftover in leftovers]
+        doomed = [record for record in chosen if self._removable(save_dir, record)]
         complete = [record for record in doomed if record.complete]
         spare = complete[-1] if keep_spare and complete else None
-        retired = [retire(save_dir, record, as_spare=record is spare) for record in doomed]
+        retired, failures = {}, []
+        for record in [record for record in doomed if not record.complete] + complete:
+            try:
+                retired[record.name] = retire(save_dir, record, as_spare=record is spare)
+            except (OSError, UnsafeDeletionError) as error:
+                failures.append(error)
+                logger.warning("rotation could not delete %s from %s: %s", record.name, save_dir, error)
         if retired:
             fsync_dir(save_dir)  # the renames reach the disk before any unlink can
             save_points.reached("mid_rotation")
-        for trash in (trash for record, trash in zip(doomed, retired) if record is not spare):
+        for record in doomed:
+            trash = retired.get(record.name)
+            if trash is None or record is spare:
+                continue
             if submit is None:
-                remove_retired(trash)
+                try:
+                    remove_retired(trash)
+                except OSError as error:
+                    failures.append(error)
+                    logger.warning("rotation could not delete %s (%s); the next rotation retries", trash, error)
             else:
-                self._removals.append((trash, submit(remove_retired, trash)))
-        deleted = [record.name for record in doomed if record is not spare]
+                removal = submit(remove_retired, trash)
+                hand_over(trash, removal)  # that removal owns the trash name until it ends
+                self._removals.append((trash, removal))
+        deleted = [record.name for record in doomed if record.name in retired and record is not spare]
         if deleted:
             logger.info("rotation deleted %s from %s", ", ".join(deleted), save_dir)
-        if spare is not None:
+        if spare is not None and spare.name in retired:
             logger.info("rotation retired %s in %s; its files stay as the spare the next save writes over",
                         spare.name, save_dir)
-        return doomed
+        if failures:
+            raise failures[0]
+        return [record for record in doomed if record.name in retired]
 
-    def make_room(self, save_dir) -> int:
+    def make_room(self, save_dir, leftovers: Optional[Collection[str]] = None) -> int:
         """Frees what the policy allows before one more checkpoint is written; returns how many were deleted.
 
         The incoming checkpoint counts toward the policy (``LatestN(n)``
         keeps ``n - 1`` of the existing ones). Removals still running are
         waited for first, as their space is about to be free, and the new
         ones run here: the caller needs the space before it goes on.
+
+        Args:
+            save_dir: the checkpoint directory.
+            leftovers: free only leftovers of these kinds ("trash", "pending", "spare"), never a checkpoint;
+                the disk guard asks for them before it frees checkpoints (see ``disk_guard``).
         """
         self.finish_removals()
-        return len(self.apply(save_dir, incoming=1))
+        return len(self.apply(save_dir, incoming=1, leftovers=leftovers))
+
+    @staticmethod
+    def _removable(save_dir: Path, record: CheckpointRecord) -> bool:
+        """False, with a warning naming it, for a directory this process may not remove: it stays as it is."""
+        why = storage.storage_for(save_dir).cannot_remove(save_dir / record.name)
+        if why is not None:
+            logger.warning("rotation could not delete %s from %s: %s; it stays where it is (make it writable to "
+                           "let rotation delete it, or remove it yourself)", record.name, save_dir, why)
+        return why is None
 
     def finish_removals(self) -> None:
         """Waits for the removals still running, so free space and leftovers are what they seem.

@@ -225,7 +225,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
         save = SaveInProgress(save_dir, tag, pending_path(save_dir, tag), self._next_step, self._next_save_latest,
                               replicated=self._next_replicated)
         self._next_step, self._next_save_latest, self._next_replicated = None, True, None
-        self._on_leader(lambda: prepare_pending(save, abandoned, self._rotation, self._lock),
+        self._on_leader(lambda: prepare_pending(save, abandoned, self._rotation, self._lock,
+                                                self.options.recycle_retired),
                         f"checkpoint {tag!r} cannot start")
         self._save = save
 

@@ -5,7 +5,7 @@ from typing import Optional
 
 from ds_fastckpt import storage
 from ds_fastckpt.decisions.deleter import delete_checkpoint
-from ds_fastckpt.decisions.disk_guard import ensure_space
+from ds_fastckpt.decisions.disk_guard import ensure_space, reusable_bytes
 from ds_fastckpt.decisions.rotation import Rotation
 from ds_fastckpt.engine.commit import SaveInProgress
 from ds_fastckpt.format import save_dir_lock
@@ -15,11 +15,12 @@ from ds_fastckpt.format.tags import InvalidTagError
 
 
 def prepare_pending(save: SaveInProgress, abandoned: Optional[Path], rotation: Rotation,
-                    lock: save_dir_lock.OneLock) -> None:
+                    lock: save_dir_lock.OneLock, recycle: bool = False) -> None:
     """Locks save_dir, refuses a tag naming what is not ours, drops leftovers, checks space, makes pending.
 
     ``abandoned`` is the pending directory of this job's previous save, which failed: no rank
-    writes there any more, and its partial files may hold the space the new save needs.
+    writes there any more, and its partial files may hold the space the new save needs. ``recycle``
+    (``recycle_retired``): the save writes over the spare's files, so the disk guard counts them as room.
 
     Raises:
         InvalidTagError: when ``save_dir/<tag>`` exists and is not a complete checkpoint of ours.
@@ -38,7 +39,13 @@ def prepare_pending(save: SaveInProgress, abandoned: Optional[Path], rotation: R
     for record in stale:
         delete_checkpoint(save.save_dir, record)
     records = [record for record in records if record not in stale]
-    ensure_space(save.save_dir, records, lambda: rotation.make_room(save.save_dir))
+    # Least valuable first (see disk_guard): the spare this save writes over counts as room; then leftovers,
+    # then the spare, and only then the checkpoints rotation deletes after the commit anyway.
+    ensure_space(save.save_dir, records,
+                 [lambda: rotation.make_room(save.save_dir, leftovers=("trash", "pending")),
+                  lambda: rotation.make_room(save.save_dir, leftovers=("spare",)),
+                  lambda: rotation.make_room(save.save_dir)],
+                 reusable=lambda: reusable_bytes(save.save_dir, rotation.scan(save.save_dir)) if recycle else 0)
     backend.make_dir(save.pending)
     # Not fsynced: if a crash loses the pending directory or its marker, no checkpoint is lost.
     write_pending_marker(save.pending, save.tag, newest_sequence(records), fsync=False)

@@ -245,10 +245,32 @@ class Storage(abc.ABC):
         safe, or cannot be known, nothing changes and the answer is False: the
         caller writes a new file. This default never recycles.
 
+        Also not safe: a file or directory this process may not change (a
+        checkpoint made read-only with ``chmod -R a-w``): it is left where it
+        is, and the answer is False.
+
         Raises:
-            OSError: from the rename, with errno and path; what the checks could not look at is a False.
+            OSError: from the rename, with errno and path; what the checks could not look at, or a rename this
+                process is not allowed (EACCES, EPERM), is a False.
         """
         return False
+
+    def reusable_bytes(self, path: PathLike) -> int:
+        """How many bytes of the file ``path`` a save writing over it in place would not need anew.
+
+        Its allocated size when ``take_for_overwrite`` would take it now, else 0 (nothing changes either way).
+        The disk guard counts these as room: a save that recycles a spare needs no more space than it frees.
+        This default never recycles.
+        """
+        return 0
+
+    def cannot_remove(self, path: PathLike) -> Optional[str]:
+        """Why ``remove_tree(path)`` would be refused for lack of permission, or None when nothing is seen to stop it.
+
+        A directory this process may not change (``chmod -R a-w``, someone else's) cannot have its entries
+        removed; such a tree is left where it is rather than half removed. Symlinks are not followed.
+        """
+        return None
 
     @abc.abstractmethod
     def make_sized_file(self, path: PathLike, size: int, *, keep_blocks: bool = False) -> None:

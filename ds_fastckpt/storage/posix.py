@@ -108,24 +108,40 @@ class PosixStorage(Storage):
         shutil.rmtree(path)
 
     def take_for_overwrite(self, source: PathLike, destination: PathLike) -> bool:
-        # A write lease is granted only while no other descriptor or mapping of the file exists anywhere; it
-        # is released at once, as the file is renamed away from every name another process could open it by.
-        try:
-            fd = os.open(source, _READ_FLAGS)
-        except OSError:
+        if _may_write_over(source) is None:
             return False
         try:
-            found = os.fstat(fd)
-            if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
-                return False
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        except OSError:  # EAGAIN: open elsewhere; EACCES: not our file; EINVAL: no leases on this filesystem
+            os.rename(source, destination)
+        except PermissionError:  # EACCES/EPERM: a directory made read-only or sticky since the check
             return False
-        finally:
-            os.close(fd)
-        os.rename(source, destination)
         return True
+
+    def reusable_bytes(self, path: PathLike) -> int:
+        found = _may_write_over(path)
+        return 0 if found is None else found.st_blocks * 512
+
+    def cannot_remove(self, path: PathLike) -> Optional[str]:
+        # Removing an entry takes write and search permission on the directory holding it, not on the entry:
+        # only the directories of the tree matter (a read-only file in a writable directory can be removed).
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return None  # a symlink or file: never looked into; the deleter refuses it itself
+        except FileNotFoundError:
+            return None
+        stack = [os.fspath(path)]
+        while stack:
+            directory = stack.pop()
+            if not _may_change(directory):
+                return None if not os.path.lexists(directory) else f"directory {directory} is not writable " \
+                    "by this process (made read-only, or another user's)"
+            try:
+                with os.scandir(directory) as entries:
+                    stack.extend(entry.path for entry in entries if entry.is_dir(follow_symlinks=False))
+            except FileNotFoundError:
+                continue
+            except OSError as error:
+                return f"directory {directory} cannot be listed ({error.strerror})"
+        return None
 
     def make_sized_file(self, path: PathLike, size: int, *, keep_blocks: bool = False) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if keep_blocks else os.O_TRUNC)
@@ -195,6 +211,41 @@ class _PosixFileLock(FileLock):
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+
+
+def _may_write_over(source: PathLike) -> Optional[os.stat_result]:
+    """``source``'s status when writing over it in place changes what nobody else can see, else None.
+
+    That is: a regular file (not a symlink) with one link, which this process
+    may write and rename away (its directory writable too), and which no
+    process has open or mapped. The last is asked with a write lease, which the
+    kernel grants only while no other descriptor or mapping of the file exists
+    anywhere; it is released at once. Changes nothing.
+    """
+    try:
+        fd = os.open(source, _READ_FLAGS)
+    except OSError:
+        return None
+    try:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
+            return None
+        # A file or directory made read-only (chmod -R a-w to keep a good checkpoint) is never written over;
+        # the kernel answers for this process, through the open descriptor, so no path swap can fool it.
+        if not _may_change(f"/proc/self/fd/{fd}", os.W_OK) or not _may_change(os.path.dirname(source) or "."):
+            return None
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    except OSError:  # EAGAIN: open elsewhere; EACCES: not our file; EINVAL: no leases on this filesystem
+        return None
+    finally:
+        os.close(fd)
+    return found
+
+
+def _may_change(path: PathLike, mode: int = os.W_OK | os.X_OK) -> bool:
+    """Whether this process (its effective ids, its capabilities) may write ``path`` (a directory: its entries)."""
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
 
 
 def _fsync(fd: int, path: PathLike) -> None:

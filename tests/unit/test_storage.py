@@ -343,7 +343,7 @@ def test_a_substituted_backend_serves_commit_scan_rotation_space_and_lock(tmp_pa
     delete_checkpoint(save_dir, old_copy[0])
     assert sorted(os.listdir(save_dir)) == ["global_step2", "latest"]
     with pytest.raises(InsufficientSpaceError):  # the free space this backend reports, not the disk's
-        ensure_space(save_dir, scan(save_dir), lambda: 0)
+        ensure_space(save_dir, scan(save_dir), [lambda: 0])
     save_dir_lock.acquire(save_dir)
     try:
         save_dir_lock.recheck(save_dir)
@@ -428,3 +428,50 @@ def test_the_base_storage_never_recycles(tmp_path):
     (tmp_path / "spare.pt").write_bytes(b"old")
     assert Storage.take_for_overwrite(PosixStorage(), tmp_path / "spare.pt", tmp_path / "new.pt") is False
     assert os.listdir(tmp_path) == ["spare.pt"]
+
+
+def _as_nobody(function) -> int:
+    """``function()``'s int result, run in a forked child as uid/gid 65534 (no CAP_DAC_OVERRIDE)."""
+    child = os.fork()
+    if child == 0:
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os._exit(int(function()))
+        except BaseException:  # noqa: BLE001  (a child must never return into pytest)
+            os._exit(99)
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize("protect", ["nothing", "file", "directory"])
+def test_take_for_overwrite_refuses_what_its_owner_made_read_only(posix, protect):
+    """A spare whose file or directory its owner made read-only (chmod a-w) is not recycled, nor counted as room."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the check as an unprivileged uid (root may write read-only files)")
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="ds_fastckpt_spare_"))  # pytest's tmp dirs are private to root
+    try:
+        spare, pending = work / "spare", work / "pending"
+        spare.mkdir()
+        pending.mkdir()
+        source = spare / "model.pt"
+        source.write_bytes(b"old bytes" * 1000)
+        for path in (work, spare, pending, source):
+            os.chown(path, 65534, 65534)
+        if protect == "file":
+            os.chmod(source, 0o444)
+        elif protect == "directory":
+            os.chmod(spare, 0o555)
+        expected = protect == "nothing"
+        assert _as_nobody(lambda: posix.take_for_overwrite(source, pending / "model.pt")) == expected
+        assert source.exists() != expected and (pending / "model.pt").exists() == expected
+        if not expected:
+            assert source.read_bytes() == b"old bytes" * 1000 and (source.stat().st_mode & 0o777) in (0o444, 0o644)
+            assert _as_nobody(lambda: posix.reusable_bytes(source)) == 0
+        assert _as_nobody(lambda: posix.cannot_remove(spare) is None) == (protect != "directory")
+    finally:
+        shutil.rmtree(work)
