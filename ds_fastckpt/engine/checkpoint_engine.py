@@ -92,7 +92,10 @@ class FastAioCheckpointEngine(CheckpointEngine):
     whether its writes have ended, and commits only once all have; training
     waits for the copies, not the disk. A second ``save_checkpoint`` first
     commits the one in flight; ``cleanup`` (from ``engine.destroy()``),
-    ``wait()``, a load and interpreter exit commit it too.
+    ``wait()``, a load, ``torch.distributed.destroy_process_group()`` and a
+    normal interpreter exit commit it too. An exit by uncaught exception, the
+    exit of a forked child and an exit after the process group is gone leave
+    it pending (``in_flight``): the checkpoint before it is what resumes.
 
     ``load(path)`` reads the file with O_DIRECT, verifies it against its
     manifest as ``verify`` says and deserializes it from memory (see
@@ -167,7 +170,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
     def is_storage_leader(self) -> bool:
         if self.node_local:
             return int(os.environ.get("LOCAL_RANK", "0")) == 0
-        return collectives.rank() == 0
+        return self._ranks.rank == 0  # the rank at creation: once the process group is gone every rank says 0
 
     @property
     def writes_in_parallel(self) -> bool:

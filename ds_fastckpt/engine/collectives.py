@@ -21,22 +21,23 @@ class CollectiveError(RuntimeError):
     """Another rank did not take part in one of the engine's collectives in time, or its connection broke."""
 
 
-def _initialized() -> bool:
+def initialized() -> bool:
+    """Whether the default process group exists (it does not before init, nor after ``destroy_process_group()``)."""
     return dist.is_initialized()
 
 
 def _alone() -> bool:
     """No other rank to talk to: no process group, or a world of one (then collectives are skipped,
     which also keeps them out of interpreter exit, where process-group teardown races)."""
-    return not _initialized() or dist.get_world_size() == 1
+    return not initialized() or dist.get_world_size() == 1
 
 
 def rank() -> int:
-    return dist.get_rank() if _initialized() else 0
+    return dist.get_rank() if initialized() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if _initialized() else 1
+    return dist.get_world_size() if initialized() else 1
 
 
 def bounded_group(timeout_s: float) -> Optional[Any]:

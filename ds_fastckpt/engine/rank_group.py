@@ -24,13 +24,26 @@ class RankGroup:
     def __init__(self, timeout_s: float, group: Optional[Any] = None):
         self.timeout_s = timeout_s
         self._group = collectives.bounded_group(timeout_s) if group is None else group
+        # Fixed for the engine's life: after destroy_process_group() torch answers rank 0 of a world of 1.
+        self.rank = collectives.rank()
+        self.world_size = collectives.world_size()
+
+    @property
+    def connected(self) -> bool:
+        """False once the process group the ranks talked on is gone (``destroy_process_group()``)."""
+        return self.world_size == 1 or collectives.initialized()
 
     def gather(self, obj: Any, failure: str) -> list:
         """``obj`` from every rank, in rank order.
 
         Raises:
-            CommitError: starting with ``failure``, when a rank does not join within the timeout.
+            CommitError: starting with ``failure``, when a rank does not join within the timeout, or when the
+                process group is gone (each rank would otherwise act as if alone: rank 0, leader, world of 1).
         """
+        if not self.connected:
+            raise CommitError(f"{failure}: the process group of its {self.world_size} ranks is gone "
+                              "(torch.distributed.destroy_process_group() ran first), so the ranks cannot agree on "
+                              "it; restart the job to resume from the last complete checkpoint")
         try:
             return collectives.all_gather_object(obj, self._group)
         except collectives.CollectiveError as error:

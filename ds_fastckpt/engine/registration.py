@@ -13,7 +13,9 @@ checkpoint whatever ``latest`` says (the newest intact one with
 ``skip_damaged_on_resume``; what ``latest_universal`` names with
 ``load_universal``), and checks the files against the manifest first;
 ``destroy`` also cleans up a synchronous engine of ours (DeepSpeed does so
-for decoupled ones only), which releases its save_dir lock. Installing twice changes nothing.
+for decoupled ones only), which releases its save_dir lock. Outside DeepSpeed,
+``torch.distributed.destroy_process_group()`` of the whole world first commits every
+async checkpoint in flight, while the ranks can still agree on it. Installing twice changes nothing.
 """
 
 import functools
@@ -27,6 +29,7 @@ import torch.distributed
 from deepspeed.runtime.engine import DeepSpeedEngine
 
 from ds_fastckpt.decisions.resume import SKIP_OPTION
+from ds_fastckpt.engine import in_flight
 from ds_fastckpt.engine.checkpoint_engine import FastAioCheckpointEngine
 from ds_fastckpt.engine.config import FAST_AIO, ConfigError, aio_tuning, engine_name, parse_fast_aio
 from ds_fastckpt.format.integrity import CheckpointIntegrityError
@@ -47,6 +50,11 @@ def install() -> None:
         DeepSpeedEngine.load_checkpoint = _hook_load(DeepSpeedEngine.load_checkpoint)
     if not getattr(DeepSpeedEngine.destroy, _MARK, False):
         DeepSpeedEngine.destroy = _hook_destroy(DeepSpeedEngine.destroy)
+    c10d = torch.distributed.distributed_c10d
+    if not getattr(c10d.destroy_process_group, _MARK, False):
+        c10d.destroy_process_group = _hook_destroy_process_group(c10d.destroy_process_group)
+    if not getattr(torch.distributed.destroy_process_group, _MARK, False):
+        torch.distributed.destroy_process_group = c10d.destroy_process_group
 
 
 def create_engine(config_params, groups=None, zero_stage: int = 0, has_moe_layers: bool = False):
@@ -170,6 +178,47 @@ def _hook_destroy(original):
     return _mark(destroy)
 
 
+def _hook_destroy_process_group(original):
+    """Commits every async checkpoint in flight before the default group (and the engine's gloo groups) go.
+
+    ``destroy_process_group()`` (accelerate's ``end_training()``, the last line of many scripts) runs on
+    every rank, so the ranks commit together, as at an optimizer step. Without it the checkpoint could only
+    be left pending at exit: the ranks cannot agree on a commit without a process group.
+    """
+
+    @functools.wraps(original)
+    def destroy_process_group(group=None, *args, **kwargs):
+        whole_world = group is None or group is torch.distributed.GroupMember.WORLD
+        if whole_world and torch.distributed.is_initialized():
+            try:
+                in_flight.wait_all()  # every rank destroys the world, so every rank commits here
+            except BaseException:  # the commit failed on every rank: the groups still go, then the error is raised
+                original(group, *args, **kwargs)
+                raise
+        return original(group, *args, **kwargs)
+
+    return _mark(destroy_process_group)
+
+
+def _refuse_pending_tag(load_dir: Path, tag: str) -> None:
+    """Raises ``PendingCheckpointError`` when ``tag`` in ``load_dir`` exists only as an uncommitted pending directory.
+
+    Called after this process's own checkpoint in flight is committed: what is
+    still pending was left by a process that ended mid-save.
+    """
+    from ds_fastckpt.decisions.resume import choose_resume_tag, pending_checkpoint_error, uncommitted_tags
+
+    if (load_dir / str(tag)).exists() or tag not in uncommitted_tags(load_dir, [tag]):
+        return  # the usual case costs one stat
+    try:
+        instead, _ = choose_resume_tag(load_dir)
+    except CheckpointIntegrityError:
+        instead = None
+    what_to_do = (f"load_checkpoint({str(load_dir)!r}) without a tag loads {instead!r}, the checkpoint to resume "
+                  "from there." if instead is not None else f"{load_dir} holds no complete checkpoint.")
+    raise pending_checkpoint_error(load_dir, tag, instead, what_to_do)
+
+
 def _hook_load(original):
     signature = inspect.signature(original)
 
@@ -190,6 +239,8 @@ def _hook_load(original):
                 logger.warning("nothing to resume: %s", reason)
                 return None, None
             bound.arguments["tag"] = tag
+        if not resuming:
+            _refuse_pending_tag(load_dir, tag)  # else DeepSpeed's bare AssertionError from check_ckpt_list
         try:
             self.checkpoint_engine.verify_before_load(load_dir.absolute() / validate_tag(tag))
             return original(*bound.args, **bound.kwargs)
