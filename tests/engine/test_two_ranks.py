@@ -56,11 +56,17 @@ def test_manifest_lists_both_ranks_files(reports):
     assert {record["rank"] for record in manifest["files"]} == {0, 1}
 
 
-@pytest.mark.parametrize("case", ["empty", "stale", "incomplete"])
+@pytest.mark.parametrize("case", ["empty", "incomplete"])
 def test_resume_with_broken_latest_on_both_ranks(reports, case):
     for report in reports[0]:
         assert "global_step50" in report["broken_latest"][case]["load_path"]
         assert report["broken_latest"][case]["global_steps"] == 50
+
+
+def test_resume_takes_the_older_complete_checkpoint_latest_names_on_both_ranks(reports):
+    for report in reports[0]:  # as DeepSpeed does: `latest` is where the job said to resume
+        assert "global_step20" in report["broken_latest"]["older"]["load_path"]
+        assert report["broken_latest"]["older"]["global_steps"] == 20
 
 
 def test_keep_last_one_keeps_what_latest_names_on_two_ranks(reports):

@@ -81,11 +81,11 @@ def resume_without_latest(save_dir: Path, rank: int) -> dict:
 
 
 def broken_latest(save_dir: Path, rank: int) -> dict:
-    """Resume when `latest` is empty, stale, or names an unfinished tag; every rank must agree."""
+    """Resume when `latest` is empty, names an older complete tag, or an unfinished one; every rank must agree."""
     import torch.distributed as dist
 
     seen = {}
-    for case, text in (("empty", ""), ("stale", "global_step20"), ("incomplete", "global_step51")):
+    for case, text in (("empty", ""), ("older", "global_step20"), ("incomplete", "global_step51")):
         dist.barrier()
         if rank == 0:
             (save_dir / "global_step51").mkdir(exist_ok=True)
