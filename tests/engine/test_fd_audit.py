@@ -1,30 +1,11 @@
 """The fd audit sees what DeepSpeed < 0.19.1 leaked: a descriptor per save, pinning deleted checkpoints."""
 
 import logging
-import os
 
 import pytest
 
-import ds_fastckpt.engine.checkpoint_engine
-from ds_fastckpt import AioFileWriter, FdLeakError
+from ds_fastckpt import FdLeakError
 from tests.ds_helpers import init_engine, train
-
-
-@pytest.fixture
-def leaky_writer(monkeypatch):
-    """A writer that, like FastFileWriter before PR 8005, opens the file again and never closes that fd."""
-    leaked = []
-
-    class LeakyWriter(AioFileWriter):
-
-        def __init__(self, path, **kwargs):
-            super().__init__(path, **kwargs)
-            leaked.append(os.open(path, os.O_RDONLY))
-
-    monkeypatch.setattr(ds_fastckpt.engine.checkpoint_engine, "AioFileWriter", LeakyWriter)
-    yield leaked
-    for fd in leaked:
-        os.close(fd)
 
 
 def test_clean_saves_report_nothing(tmp_path, caplog):

@@ -6,8 +6,7 @@ import shutil
 
 import pytest
 
-import ds_fastckpt.engine.checkpoint_engine
-from ds_fastckpt import AioFileWriter, FdLeakError
+from ds_fastckpt import FdLeakError
 from tests.ds_helpers import init_engine, train
 
 
@@ -33,16 +32,7 @@ def test_a_log_a_metrics_file_and_a_rotated_log_kept_open_in_save_dir_are_not_le
         engine.destroy()
 
 
-def test_a_descriptor_to_a_checkpoint_file_still_fails_the_save_beside_the_users_files(tmp_path, monkeypatch):
-    leaked = []
-
-    class LeakyWriter(AioFileWriter):
-
-        def __init__(self, path, **kwargs):
-            super().__init__(path, **kwargs)
-            leaked.append(os.open(path, os.O_RDONLY))
-
-    monkeypatch.setattr(ds_fastckpt.engine.checkpoint_engine, "AioFileWriter", LeakyWriter)
+def test_a_descriptor_to_a_checkpoint_file_still_fails_the_save_beside_the_users_files(tmp_path, leaky_writer):
     engine = init_engine(1, {"keep_last": 1, "fd_audit": "raise"})
     log = open(tmp_path / "train.log", "a")
     try:
@@ -53,8 +43,6 @@ def test_a_descriptor_to_a_checkpoint_file_still_fails_the_save_beside_the_users
         assert "train.log" not in str(raised.value)
     finally:
         log.close()
-        for fd in leaked:
-            os.close(fd)
         engine.destroy()
 
 
