@@ -83,3 +83,16 @@ def snapshot(state_dict, limit_bytes: int = 0) -> Union[Layout, FilePart, bytes]
     if limit_bytes and buffer.tell() > limit_bytes:
         raise SnapshotTooLargeError(f"a snapshot of {buffer.tell()} bytes exceeds the limit of {limit_bytes} bytes")
     return buffer.getvalue()
+
+
+def budgeted_snapshot(state_dict, limit_bytes: int, used_bytes: int) -> Tuple[Union[Layout, FilePart, bytes], int]:
+    """``snapshot(state_dict)`` within what ``used_bytes`` left of ``limit_bytes`` (0: no limit), and its size.
+
+    Raises:
+        SnapshotTooLargeError: when it does not fit, also when nothing is left; nothing was copied.
+    """
+    left = limit_bytes - used_bytes
+    if limit_bytes and left <= 0:  # snapshot() reads a limit of 0 as none at all
+        raise SnapshotTooLargeError(f"this checkpoint's snapshots already took all {limit_bytes} bytes")
+    copy = snapshot(state_dict, left if limit_bytes else 0)
+    return copy, copy.storage_bytes if isinstance(copy, (Layout, FilePart)) else len(copy)

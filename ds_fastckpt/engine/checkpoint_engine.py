@@ -11,11 +11,10 @@ import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
 from ds_fastckpt.decisions.deleter import delete_checkpoint
-from ds_fastckpt.decisions.resume import choose_resume_tag
 from ds_fastckpt.decisions.retention import policy_from_config
 from ds_fastckpt.decisions.rotation import Rotation
 from ds_fastckpt.engine import collectives, in_flight
-from ds_fastckpt.engine.background import REMOVER_THREAD_NAME, BackgroundWriter, snapshot, wait_for
+from ds_fastckpt.engine.background import REMOVER_THREAD_NAME, BackgroundWriter, budgeted_snapshot, wait_for
 from ds_fastckpt.engine.commit import SaveInProgress, publish
 from ds_fastckpt.engine.config import FastAioConfig
 from ds_fastckpt.engine.pending import prepare_pending
@@ -284,16 +283,13 @@ class FastAioCheckpointEngine(CheckpointEngine):
         """A host copy of ``state_dict`` within ``snapshot_max_bytes``; ``state_dict`` itself when it does not fit."""
         limit = self.options.snapshot_max_bytes
         try:
-            left = limit - save.snapshot_bytes
-            if limit and left <= 0:  # snapshot() reads a limit of 0 as none at all
-                raise SnapshotTooLargeError(f"this checkpoint's snapshots already took all {limit} bytes")
             with torch_zip_crc32(self.options.torch_crc32):
-                copy = snapshot(state_dict, left if limit else 0)
+                copy, size = budgeted_snapshot(state_dict, limit, save.snapshot_bytes)
         except SnapshotTooLargeError as error:
             logger.warning("checkpoint %r: %d bytes left of snapshot_max_bytes=%d; writing this file now, with "
                            "training waiting for it (%s)", save.tag, limit - save.snapshot_bytes, limit, error)
             return state_dict
-        save.snapshot_bytes += copy.storage_bytes if isinstance(copy, (Layout, FilePart)) else len(copy)
+        save.snapshot_bytes += size
         return copy
 
     def _write_file(self, payload, path: Path, save: Optional[SaveInProgress]) -> Union[FileRecord, FileShare, None]:
@@ -365,18 +361,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._loader.verify_before_load(tag_dir)
 
     def resume_tag(self, save_dir: Path) -> Tuple[Optional[str], str]:
-        """The tag ``load_checkpoint(save_dir)`` resumes from, and why. Every rank must call it.
-
-        With ``skip_damaged_on_resume`` the checkpoints are checked newest
-        first and damaged ones are skipped; see ``resume.choose_resume_tag``.
-        """
-        if not self.options.skip_damaged_on_resume:
-            return choose_resume_tag(save_dir)
-
-        def damage_of(record: CheckpointRecord) -> Optional[str]:
-            return self._loader.damage_of(save_dir.absolute() / record.name, record.manifest)
-
-        return choose_resume_tag(save_dir, damage_of)
+        """The tag ``load_checkpoint(save_dir)`` resumes from, and why (``VerifiedLoader.resume_tag``)."""
+        return self._loader.resume_tag(save_dir)
 
     def rotate(self, save_dir: Path, protected=()) -> List[CheckpointRecord]:
         """Deletes what the retention policy chooses (see ``rotation.Rotation.apply``); returns what was deleted.

@@ -13,6 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
+from ds_fastckpt.decisions.resume import choose_resume_tag
 from ds_fastckpt.engine import collectives
 from ds_fastckpt.engine.config import FastAioConfig
 from ds_fastckpt.format import safe_load
@@ -66,6 +67,17 @@ class VerifiedLoader:
         manifest = self._manifest_of(tag_dir)
         if manifest is not None and self.options.verify != "off":
             check_files(tag_dir, manifest)
+
+    def resume_tag(self, save_dir: Path) -> Tuple[Optional[str], str]:
+        """The tag ``load_checkpoint(save_dir)`` resumes from, and why. Every rank must call it.
+
+        See ``resume.choose_resume_tag``; with ``skip_damaged_on_resume`` the
+        candidates are checked (``damage_of``) and damaged ones are skipped.
+        """
+        if not self.options.skip_damaged_on_resume:
+            return choose_resume_tag(save_dir)
+        return choose_resume_tag(save_dir, lambda record: self.damage_of(save_dir.absolute() / record.name,
+                                                                         record.manifest))
 
     def damage_of(self, tag_dir: Path, manifest: Manifest) -> Optional[str]:
         """Why the checkpoint in ``tag_dir`` is damaged, or None when it is intact. Every rank must call it.

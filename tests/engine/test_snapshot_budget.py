@@ -5,7 +5,7 @@ import logging
 import torch
 
 import ds_fastckpt
-from ds_fastckpt.engine import checkpoint_engine
+from ds_fastckpt.engine import background
 from ds_fastckpt.native.file_part import FilePart
 from ds_fastckpt.native.layout_save import Layout
 from tests.ds_helpers import full_state, init_engine, train
@@ -16,14 +16,14 @@ ASYNC_SNAPSHOT = {"keep_last": 0, "async": True, "snapshot": True}
 def snapshot_sizes(monkeypatch):
     """The host bytes of every snapshot the engine takes, in order."""
     sizes = []
-    real = checkpoint_engine.snapshot
+    real = background.snapshot
 
     def recorded(state_dict, limit_bytes=0):
         copy = real(state_dict, limit_bytes)
         sizes.append(copy.storage_bytes if isinstance(copy, (Layout, FilePart)) else len(copy))
         return copy
 
-    monkeypatch.setattr(checkpoint_engine, "snapshot", recorded)
+    monkeypatch.setattr(background, "snapshot", recorded)
     return sizes
 
 
