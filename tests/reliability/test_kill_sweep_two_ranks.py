@@ -115,6 +115,13 @@ def run_job(tmp_path: Path, job: int, point: str, hit: int, rank: int, steps: in
     return [json.loads(r.read_text()) for r in reports], torchrun.returncode, tail
 
 
+def latest_text(save_dir: Path) -> str:
+    try:
+        return (save_dir / "latest").read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
 def test_kill_sweep_two_ranks(tmp_path):
     rng = random.Random(4321)
     save_dir = tmp_path / "ckpts"
@@ -122,6 +129,7 @@ def test_kill_sweep_two_ranks(tmp_path):
     for job in range(KILLS + 1):
         # What is on disk and what each rank had saved, before this job resumes from it.
         complete = complete_checkpoints(scan(save_dir)) if save_dir.exists() else []
+        latest = latest_text(save_dir)
         logs = [read_log(tmp_path, r) for r in (0, 1)]
         saved = [entry["saved"] for log in logs for entry in log if "saved" in entry]
         assert complete or not saved, f"before job {job}: saves {saved} had completed, no checkpoint is left"
@@ -138,8 +146,11 @@ def test_kill_sweep_two_ranks(tmp_path):
                 assert report["load_path"] is None and report["step"] == 0, (where, rank, report)
                 continue
             assert report["load_path"] is not None, (where, rank, report)
-            # The newest complete checkpoint, never one older than a save that returned.
-            assert report["step"] == complete[-1].manifest.step >= max(saved, default=0), (where, rank, report)
+            # What `latest` names when it is complete (a save killed between its rename and `latest` never
+            # returned), else the newest complete one; never one older than a save that returned.
+            named = [record for record in complete if record.tag == latest]
+            expected = (named or complete)[-1].manifest.step
+            assert report["step"] == expected >= max(saved, default=0), (where, rank, report)
             # A later job that resumed from before a step records it again; only its latest save can be on disk.
             recorded = {entry["recorded"]: entry["digest"] for entry in logs[rank] if "recorded" in entry}
             assert report["digest"] == recorded.get(report["step"]), f"{where}: rank {rank} did not resume bit-exactly"
