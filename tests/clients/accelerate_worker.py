@@ -30,6 +30,7 @@ from accelerate.state import AcceleratorState  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration  # noqa: E402
 
 import ds_fastckpt  # noqa: E402,F401  (the import is the wiring, also for accelerate imported before it)
+from tests.clients.plans import run_jobs  # noqa: E402
 
 
 def ds_config() -> dict:
@@ -160,14 +161,7 @@ def main() -> None:
         jobs = [("killed", lambda: resume_killed(out, "killed"))]
     else:
         raise SystemExit(f"unknown plan {plan!r}")
-    for job, run in jobs:
-        try:
-            report["jobs"][job] = run()
-        except Exception as error:
-            traceback.print_exc()
-            report["jobs"][job] = {"error": f"{type(error).__name__}: {error}",
-                                   "traceback": traceback.format_exc()[-4000:]}
-        report_path.write_text(json.dumps(report, indent=1, default=str))
+    run_jobs(jobs, report, report_path)
 
 
 if __name__ == "__main__":

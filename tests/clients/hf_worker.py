@@ -13,7 +13,6 @@ save), ``resume`` (1 process, after ``first`` and ``kill``), ``two_first``
 and ``two_resume`` (2 processes).
 """
 
-import json
 import os
 import signal
 import sys
@@ -34,7 +33,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 import ds_fastckpt  # noqa: E402  (the import is the wiring, also for transformers imported before it)
 from ds_fastckpt import open_fds_under  # noqa: E402
 from ds_fastckpt.decisions.resume import choose_resume_tag  # noqa: E402
-from ds_fastckpt.format.names import LOCK_NAME
+from ds_fastckpt.format.names import LOCK_NAME  # noqa: E402
+from tests.clients.plans import run_jobs  # noqa: E402
 
 STEPS = 8
 SEQ = 16
@@ -350,16 +350,7 @@ def main() -> None:
     PartialState(backend="gloo")
     report_path = out / f"{plan}.rank{rank()}.json"
     report = {"rank": rank(), "world_size": torch.distributed.get_world_size(), "jobs": {}}
-    for job, run in plan_jobs(plan, out):
-        if only is not None and job not in only:
-            continue
-        try:
-            report["jobs"][job] = run()
-        except Exception as error:
-            traceback.print_exc()
-            report["jobs"][job] = {"error": f"{type(error).__name__}: {error}",
-                                   "traceback": traceback.format_exc()[-4000:]}
-        report_path.write_text(json.dumps(report, indent=1, default=str))
+    run_jobs([(job, run) for job, run in plan_jobs(plan, out) if only is None or job in only], report, report_path)
 
 
 if __name__ == "__main__":

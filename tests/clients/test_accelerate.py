@@ -10,47 +10,31 @@ SIGKILLed on both ranks right after an async ``save_state()``) and ``resume``
 
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.clients.plans import job, run_plan
+
 WORKER = Path(__file__).resolve().parent / "accelerate_worker.py"
 PROCESSES = 2
 
 
-def run_plan(plan: str, out: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(name, None)
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(PROCESSES),
-                             "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0",
-                             str(WORKER), plan, str(out)], env=env, capture_output=True, text=True, timeout=600)
-    print(f"\nplan {plan} on {PROCESSES} processes: {time.monotonic() - started:.0f} s")
-    return result
+def run(plan: str, out: Path):
+    return run_plan(WORKER, plan, out, PROCESSES)
 
 
 def reports(plan: str, out: Path) -> list:
     return [json.loads((out / f"{plan}.rank{rank}.json").read_text()) for rank in range(PROCESSES)]
 
 
-def job(report: dict, name: str) -> dict:
-    result = report["jobs"][name]
-    assert "error" not in result, f"{name} raised on rank {report['rank']}: {result['error']}\n{result['traceback']}"
-    return result
-
-
 @pytest.fixture(scope="module")
 def accelerate_jobs(tmp_path_factory):
     out = tmp_path_factory.mktemp("accelerate")
-    first = run_plan("first", out)
+    first = run("first", out)
     after_kill = {"returncode": first.returncode, "output": first.stdout[-3000:] + first.stderr[-3000:],
                   "checkpoint_1": sorted(os.listdir(out / "killed" / "checkpoints" / "checkpoint_1"))}
-    resumed = run_plan("resume", out)
+    resumed = run("resume", out)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
     return {"out": out, "first": reports("first", out), "after_kill": after_kill, "resume": reports("resume", out)}
 

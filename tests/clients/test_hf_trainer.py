@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,34 +24,15 @@ import torch
 
 from ds_fastckpt.format.names import MANIFEST_NAME
 from ds_fastckpt.integrations import last_complete_checkpoint
+from tests.clients.plans import REPO, job, run_plan
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "hf_worker.py"
 
 
-def run_plan(plan: str, out: Path, processes: int) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
-                 "ACCELERATE_USE_DEEPSPEED"):
-        env.pop(name, None)
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                           "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0",
-                           str(WORKER), plan, str(out)], env=env, capture_output=True, text=True, timeout=600)
-
-
 def reports(plan: str, out: Path, processes: int) -> list:
-    started = time.monotonic()
-    result = run_plan(plan, out, processes)
-    print(f"\nplan {plan} on {processes} process(es): {time.monotonic() - started:.0f} s")
+    result = run_plan(WORKER, plan, out, processes, drop_env=("ACCELERATE_USE_DEEPSPEED",))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return [json.loads((out / f"{plan}.rank{rank}.json").read_text()) for rank in range(processes)]
-
-
-def job(report: dict, name: str) -> dict:
-    """One job's result; a job that raised fails the test with the worker's traceback."""
-    result = report["jobs"][name]
-    assert "error" not in result, f"{name} raised on rank {report['rank']}: {result['error']}\n{result['traceback']}"
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +41,7 @@ def one_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf_one")
     first = reports("first", out, 1)[0]
     migrate_checkpoint_4 = sorted(os.listdir(out / "migrate" / "checkpoint-4" / "global_step4"))
-    killed = run_plan("kill", out, 1)
+    killed = run_plan(WORKER, "kill", out, 1, drop_env=("ACCELERATE_USE_DEEPSPEED",))
     after_kill = {
         "returncode": killed.returncode,
         "output": killed.stdout[-3000:] + killed.stderr[-3000:],
