@@ -1,8 +1,8 @@
 """Train a small model with DeepSpeed and checkpoint it through ds_fastckpt's ``fast_aio`` engine.
 
 Saves every ``--save-every`` steps (rotation keeps the newest ``keep_last``
-of examples/ds_config.json), resumes from the newest complete checkpoint when
-``--save-dir`` has one, and logs each save's size, seconds and GB/s and the
+of examples/ds_config.json), resumes from the checkpoint ``latest`` names when
+``--save-dir`` has one (the newest complete one when ``latest`` is broken), and logs each save's size, seconds and GB/s and the
 tags kept. ``--compare-default`` also times DeepSpeed's default engine
 (``torch.save``, not fsynced) on the same model in the same run.
 

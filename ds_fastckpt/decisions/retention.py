@@ -107,8 +107,8 @@ class EveryNSteps(RetentionPolicy):
 class ProtectedTags(RetentionPolicy):
     """Keeps the named tags (the one just committed, the one ``latest`` names) and always the newest checkpoint.
 
-    The newest complete checkpoint is what a resume would load: no policy
-    combined with this one can leave a save_dir without it.
+    The newest complete checkpoint is what a resume loads when ``latest`` is
+    broken: no policy combined with this one can leave a save_dir without it.
     """
 
     tags: FrozenSet[str] = field(default_factory=frozenset)

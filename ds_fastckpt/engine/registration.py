@@ -8,10 +8,10 @@ wrappers on ``DeepSpeedEngine`` act only when the engine is ours:
 ``save_checkpoint`` validates the tag before any filesystem call, lets the
 engine write ``latest`` atomically, and marks a checkpoint whose save raised
 so it is never committed; ``load_checkpoint`` first commits a checkpoint
-still in flight, then, without a tag, resumes from the newest complete
-checkpoint whatever ``latest`` says (the newest intact one with
-``skip_damaged_on_resume``; what ``latest_universal`` names with
-``load_universal``), and checks the files against the manifest first;
+still in flight, then, without a tag, resumes from the checkpoint ``latest``
+names when it is complete and intact, else the newest complete one (the newest
+intact one with ``skip_damaged_on_resume``; what ``latest_universal`` names
+with ``load_universal``), and checks the files against the manifest first;
 ``destroy`` also cleans up a synchronous engine of ours (DeepSpeed does so
 for decoupled ones only), which releases its save_dir lock. Outside DeepSpeed,
 ``torch.distributed.destroy_process_group()`` of the whole world first commits every
