@@ -70,7 +70,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["ds_fastckpt", "ds_fastckpt.*"]),
-    install_requires=["deepspeed>=0.17.1", "torch", "ninja"],
+    install_requires=["deepspeed>=0.17.1,!=0.17.6,!=0.18.0,!=0.18.1,!=0.18.2", "torch", "ninja"],
     extras_require={"test": ["pytest", "hypothesis", "matplotlib", "transformers==5.24.0", "accelerate==1.15.0",
                              "google-crc32c"],
                     "plot": ["matplotlib"]},

@@ -6,6 +6,10 @@ async checkpoint still in flight; ``wait_all()`` does so for every engine of the
 """
 
 from ds_fastckpt._version import __version__
+from ds_fastckpt.compat import check_deepspeed_version
+
+check_deepspeed_version()  # a DeepSpeed outside setup.py's range stops here, before the imports below hook it
+
 from ds_fastckpt.decisions.deleter import UnsafeDeletionError
 from ds_fastckpt.decisions.disk_guard import InsufficientSpaceError
 from ds_fastckpt.decisions.fd_audit import FdLeakError

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ds_fastckpt"
 
 # Bottom to top. A module may import from its own layer and the layers listed before it.
 LAYERS = [
-    {"_version", "storage"},
+    {"_version", "compat", "storage"},
     {"native"},
     {"faults"},
     {"format"},
