@@ -13,6 +13,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def deepspeed_scripts() -> List[str]:
+    """The conversion scripts DeepSpeed copies into save_dir at each save: zero_to_fp32.py, and zero_to_torch.py
+    from 0.19.7 on."""
+    import deepspeed
+
+    return sorted(path.name for path in (Path(deepspeed.__file__).parent / "utils").glob("zero_to_*.py"))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

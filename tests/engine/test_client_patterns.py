@@ -10,7 +10,7 @@ import torch
 
 from ds_fastckpt import FdLeakError, open_fds_under, wait
 from ds_fastckpt.format.names import LOCK_NAME, MANIFEST_NAME
-from tests.ds_helpers import assert_same_state, full_state, init_engine, train
+from tests.ds_helpers import assert_same_state, deepspeed_scripts, full_state, init_engine, train
 
 
 def save_like_hf_trainer(engine, output_dir, saves: int, keep: int = 2):
@@ -60,7 +60,7 @@ def test_a_save_into_the_directory_above_earlier_save_dirs(tmp_path):
     assert [entry.target for entry in open_fds_under(tmp_path)] == [str(tmp_path / LOCK_NAME)]
     save_like_hf_trainer(engine, tmp_path, saves=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        LOCK_NAME, "checkpoint-2", "checkpoint-3", "global_step2", "latest", "zero_to_fp32.py", "zero_to_torch.py"]
+        LOCK_NAME, "checkpoint-2", "checkpoint-3", "global_step2", "latest", *deepspeed_scripts()]
 
 
 @pytest.mark.parametrize("async_save", [False, True])

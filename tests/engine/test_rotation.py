@@ -6,9 +6,9 @@ import threading
 from ds_fastckpt import deleted_fds_under, open_fds_under
 from ds_fastckpt.decisions import rotation
 from ds_fastckpt.format.names import LOCK_NAME
-from tests.ds_helpers import init_engine, train
+from tests.ds_helpers import deepspeed_scripts, init_engine, train
 
-SCRIPTS = ["zero_to_fp32.py", "zero_to_torch.py"]
+SCRIPTS = deepspeed_scripts()
 
 
 def checkpoint_dirs(save_dir):
