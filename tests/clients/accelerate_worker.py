@@ -30,7 +30,7 @@ from accelerate.state import AcceleratorState  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration  # noqa: E402
 
 import ds_fastckpt  # noqa: E402,F401  (the import is the wiring, also for accelerate imported before it)
-from tests.clients.plans import run_jobs  # noqa: E402
+from tests.clients.plans import run_jobs, zero2_state  # noqa: E402
 
 
 def ds_config() -> dict:
@@ -68,14 +68,7 @@ def train(accelerator, model, optimizer, steps) -> None:
 
 
 def full_state(engine) -> dict:
-    """The module's and the optimizer's tensors (ZeRO-2: whole parameters, this rank's fp32 partition and moments)."""
-    state = {f"module.{name}": tensor.detach().clone() for name, tensor in engine.module.state_dict().items()}
-    for index, partition in enumerate(engine.optimizer.single_partition_of_fp32_groups):
-        state[f"fp32.{index}"] = partition.detach().clone()
-    for index, per_param in enumerate(engine.optimizer.optimizer.state.values()):
-        for key, value in per_param.items():
-            if torch.is_tensor(value):
-                state[f"optim.{index}.{key}"] = value.detach().clone()
+    state = zero2_state(engine)
     state["global_steps"] = torch.tensor(engine.global_steps)
     return state
 

@@ -34,7 +34,7 @@ import ds_fastckpt  # noqa: E402  (the import is the wiring, also for transforme
 from ds_fastckpt import open_fds_under  # noqa: E402
 from ds_fastckpt.decisions.resume import choose_resume_tag  # noqa: E402
 from ds_fastckpt.format.names import LOCK_NAME  # noqa: E402
-from tests.clients.plans import run_jobs  # noqa: E402
+from tests.clients.plans import run_jobs, zero2_state  # noqa: E402
 
 STEPS = 8
 SEQ = 16
@@ -203,23 +203,11 @@ def descriptors(out: Path, job: str, engine) -> dict:
     return result
 
 
-def full_state(engine) -> dict:
-    """The module's and the optimizer's tensors (ZeRO-2: whole parameters, this rank's fp32 partition)."""
-    state = {f"module.{name}": tensor.detach().clone() for name, tensor in engine.module.state_dict().items()}
-    for index, partition in enumerate(engine.optimizer.single_partition_of_fp32_groups):
-        state[f"fp32.{index}"] = partition.detach().clone()
-    for index, per_param in enumerate(engine.optimizer.optimizer.state.values()):
-        for key, value in per_param.items():
-            if torch.is_tensor(value):
-                state[f"optim.{index}.{key}"] = value.detach().clone()
-    return state
-
-
 def save_16bit_beside_checkpoint(trainer: Trainer, checkpoint_dir: Path) -> dict:
     """ZeRO-2: ``engine.save_16bit_model(D)`` into a checkpoint-N dir, then ``load_checkpoint(D)`` resumes step N."""
     engine = trainer.model_wrapped
     result = {"step": engine.global_steps}
-    before = full_state(engine)
+    before = zero2_state(engine)
     try:
         result["returned"] = engine.save_16bit_model(str(checkpoint_dir))
     except Exception as error:
@@ -247,7 +235,7 @@ def save_16bit_beside_checkpoint(trainer: Trainer, checkpoint_dir: Path) -> dict
         return result
     result["load_path"] = load_path
     result["global_steps_after_load"] = engine.global_steps
-    after = full_state(engine)
+    after = zero2_state(engine)
     result["state_equal_after_load"] = sorted(before) == sorted(after) and all(
         torch.equal(before[key], after[key]) for key in before)
     return result

@@ -1,6 +1,7 @@
 """Client jobs under torchrun: a worker runs the named jobs of a plan and writes one JSON report per rank.
 
-The test side (``run_plan``, ``job``) and the worker side (``run_jobs``) of the HF Trainer and accelerate tests.
+The test side (``run_plan``, ``job``) and the worker side (``run_jobs``, ``zero2_state``) of the HF Trainer and
+accelerate tests.
 """
 
 import json
@@ -47,3 +48,17 @@ def run_jobs(jobs: Iterable[Tuple[str, Callable[[], dict]]], report: dict, repor
             report["jobs"][name] = {"error": f"{type(error).__name__}: {error}",
                                     "traceback": traceback.format_exc()[-4000:]}
         report_path.write_text(json.dumps(report, indent=1, default=str))
+
+
+def zero2_state(engine) -> dict:
+    """The module's and the optimizer's tensors (ZeRO-2: whole parameters, this rank's fp32 partition and moments)."""
+    import torch
+
+    state = {f"module.{name}": tensor.detach().clone() for name, tensor in engine.module.state_dict().items()}
+    for index, partition in enumerate(engine.optimizer.single_partition_of_fp32_groups):
+        state[f"fp32.{index}"] = partition.detach().clone()
+    for index, per_param in enumerate(engine.optimizer.optimizer.state.values()):
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                state[f"optim.{index}.{key}"] = value.detach().clone()
+    return state

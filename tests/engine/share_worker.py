@@ -14,7 +14,6 @@ that a split of all the module's bytes gives its tail to rank 1.
 control) and by default, with ``commit_timeout_s`` 300.
 """
 
-import io
 import json
 import os
 import sys
@@ -28,10 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import ds_fastckpt  # noqa: E402
 from ds_fastckpt.native.op import load_op  # noqa: E402
-from ds_fastckpt.native.writer import torch_zip_crc32  # noqa: E402
 from tests.ds_helpers import ds_config, train  # noqa: E402
+from tests.engine.parallel_worker import MODEL_STATES, capture_single_writer_bytes  # noqa: E402
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
 WIDTH = 8192  # about 0.8 MB of parameters every rank holds alike, ahead of the 1 MB tensor that differs
 DIFFERING = 1 << 18  # float32 elements of the tensor that differs between the ranks: 1 MiB
 
@@ -88,21 +86,6 @@ def init(model: torch.nn.Module, **fast_aio):
 
 def tail_of(state: dict, differing: str) -> torch.Tensor:
     return state["tail._extra_state" if differing == "extra_state" else "tail.weight"]
-
-
-def capture_single_writer_bytes(engine, captured: list) -> None:
-    """Records what the leader alone would write for the model-states file: torch.save of its state."""
-    original = engine.checkpoint_engine.save
-
-    def save(state_dict, path):
-        if Path(path).name == MODEL_STATES:
-            buffer = io.BytesIO()
-            with torch_zip_crc32(False):
-                torch.save(state_dict, buffer)
-            captured.append(buffer.getvalue())
-        return original(state_dict, path)
-
-    engine.checkpoint_engine.save = save
 
 
 def differing(save_dir: Path, rank: int, what: str) -> dict:
