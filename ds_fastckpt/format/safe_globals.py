@@ -18,7 +18,11 @@ torch allows it on every instance of an allowlisted class. So:
 * enum members, ``timezone.utc``, paths and datetimes are admitted *by value*:
   the name in the pickle maps to a function that calls the class, and since
   the class itself is not on the list, BUILD on what it returns is refused
-  (BUILD on an enum member would rewrite it for the whole process);
+  (BUILD on an enum member would rewrite it for the whole process). Some
+  Python 3.11 releases (Debian 12's 3.11.2) pickle an enum member by name,
+  ``getattr(ZeroStageEnum, "optimizer_states")``: ``getattr`` maps to
+  ``_member_by_name``, which looks up a member of an enum admitted by value
+  and nothing else;
 * numpy's ``dtype.__setstate__`` stores the flags, fields and sub-array the
   pickle gives, unchecked: a float64 given an object field makes numpy read
   8 bytes of the file as a pointer. So a numpy dtype is rebuilt here from its
@@ -30,6 +34,7 @@ torch allows it on every instance of an allowlisted class. So:
 
 import argparse
 import datetime
+import enum
 import functools
 import importlib
 import math
@@ -89,11 +94,36 @@ def _allowlist() -> tuple:
 
 
 def _deepspeed_entries() -> list:
-    entries = []
+    entries, enums = [], {}
     for module, name in DEEPSPEED_CHECKPOINT_GLOBALS:
         cls = getattr(importlib.import_module(module), name)
-        entries.append((_by_value(cls), f"{module}.{name}") if (module, name) in DEEPSPEED_BY_VALUE else cls)
-    return entries
+        if (module, name) in DEEPSPEED_BY_VALUE:
+            construct = _by_value(cls)
+            entries.append((construct, f"{module}.{name}"))
+            if issubclass(cls, enum.Enum):
+                enums[construct] = cls
+        else:
+            entries.append(cls)
+    member_by_name = _member_by_name(enums)
+    return entries + [(member_by_name, f"{module}.getattr") for module in ("builtins", "__builtin__")]
+
+
+def _member_by_name(enums: dict):
+    """Stands for ``getattr`` in a pickle: ``getattr(E, name)`` for a member ``name`` of an enum ``E`` admitted by
+    value (``enums`` maps what its name loads as to ``E``); anything else is refused."""
+
+    def member(owner, name):
+        cls = enums.get(owner)
+        if cls is None:
+            raise RefusedState(f"getattr{_short((owner, name))} is refused: getattr is admitted only to look up a "
+                               "member of an admitted enum by name, and this is not an admitted enum")
+        if not isinstance(name, str) or name not in cls.__members__:
+            raise RefusedState(f"getattr{_short((cls.__name__, name))} is refused: {name!r} is not a member of "
+                               f"{cls.__name__}")
+        return cls[name]
+
+    member.__name__ = member.__qualname__ = "getattr_of_an_enum_member"
+    return member
 
 
 def _client_state_entries() -> list:

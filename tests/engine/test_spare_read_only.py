@@ -105,9 +105,8 @@ def _job(work: Path) -> None:
               "dirs": sorted(entry.name for entry in save_dir.iterdir() if entry.is_dir()),
               "read_only_before": before, "read_only_after": files_of(save_dir / "global_step1"),
               "latest_loaded": None, "latest_state_equal": False, "read_only_state_equal": False}
-    # Our own files, just written. (The optimizer state saved in this bare environment carries a pickle
-    # global the safe loader refuses, whatever this test does: not what is checked here.)
-    resumed = init_engine(1, {"keep_last": 1, "trusted_pickles": True}, seed=9)
+    # With the safe loader: the interpreter this uid runs may pickle ZeroStageEnum by name (Debian's 3.11.2).
+    resumed = init_engine(1, {"keep_last": 1}, seed=9)
     try:
         path, _ = resumed.load_checkpoint(save_dir)
         report.update(latest_loaded=Path(path).parent.name, latest_state_equal=_same(newest, full_state(resumed)))

@@ -146,6 +146,36 @@ def test_enum_member_cannot_be_rewritten():
     assert load(saved({"stage": member}))["stage"] is member  # the honest pickle: REDUCE only
 
 
+def test_an_enum_member_pickled_by_name_loads_as_that_member():
+    """Debian 12's Python 3.11.2 pickles ZeroStageEnum.optimizer_states as getattr(ZeroStageEnum, "optimizer_states")
+    (later 3.11 releases pickle it by value): the checkpoints DeepSpeed saves there were refused as unsafe."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    by_name = saved({"zero_stage": Crafted(getattr, (ZeroStageEnum, "optimizer_states"))})
+    assert b"getattr" in by_name
+    assert load(by_name)["zero_stage"] is ZeroStageEnum.optimizer_states
+
+
+@pytest.mark.parametrize("owner,name,why", [
+    (None, "optimizer_states", "ZeroStageEnum"),  # None: ZeroStageEnum, filled in below
+    (None, "__class__", "not a member of ZeroStageEnum"),
+    (None, "_member_map_", "not a member of ZeroStageEnum"),
+    (Color, "RED", "trusted_pickles=true"),  # the user's enum: not admitted, by value or by name
+    (pathlib.PurePosixPath, "__init__", "trusted_pickles=true"),
+])
+def test_getattr_reaches_nothing_but_a_member_of_an_admitted_enum(owner, name, why):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    if owner is None and name == "optimizer_states":
+        owner, name = ZeroStageEnum, "optimizer_states"
+        crafted = Crafted(getattr, (Crafted(getattr, (owner, name)), "__class__"))  # a member's attributes: refused
+        why = "not an admitted enum"
+    else:
+        crafted = Crafted(getattr, (owner or ZeroStageEnum, name))
+    with pytest.raises(UnsafeCheckpointError, match=why):
+        load(saved({"x": crafted}))
+
+
 def test_shared_dtype_is_never_given_a_state():
     # copy=False is numpy's own float64 dtype, which every float64 array shares; the BUILD asks it to turn big-endian.
     shared = np.dtype("f8")
