@@ -66,7 +66,9 @@ def ensure_space(save_dir: Path, records: List[CheckpointRecord], free_steps: Se
         return
     backend = storage.storage_for(save_dir)
     for free_more in [*free_steps, None]:
-        if backend.free_bytes(save_dir) + reusable() >= needed:
+        free = backend.free_bytes(save_dir)
+        # The spare's files are looked at (a lease on each) only when free space alone is short: most saves fit.
+        if free >= needed or free + reusable() >= needed:
             return
         if free_more is None:
             break
@@ -75,4 +77,3 @@ def ensure_space(save_dir: Path, records: List[CheckpointRecord], free_steps: Se
     raise InsufficientSpaceError(
         errno.ENOSPC, f"not enough space for the next checkpoint: the last one took {needed} bytes and only "
         f"{free} are free; nothing was written (free space or lower checkpoint.fast_aio.keep_last)", str(save_dir))
-

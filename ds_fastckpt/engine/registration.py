@@ -28,7 +28,7 @@ import deepspeed.runtime.engine as ds_engine_module
 import torch.distributed
 from deepspeed.runtime.engine import DeepSpeedEngine
 
-from ds_fastckpt.decisions.resume import SKIP_OPTION
+from ds_fastckpt.decisions.resume import SKIP_OPTION, choose_resume_tag, pending_checkpoint_error, uncommitted_tags
 from ds_fastckpt.engine import in_flight
 from ds_fastckpt.engine.checkpoint_engine import FastAioCheckpointEngine
 from ds_fastckpt.engine.config import FAST_AIO, ConfigError, aio_tuning, engine_name, parse_fast_aio
@@ -206,8 +206,6 @@ def _refuse_pending_tag(load_dir: Path, tag: str) -> None:
     Called after this process's own checkpoint in flight is committed: what is
     still pending was left by a process that ended mid-save.
     """
-    from ds_fastckpt.decisions.resume import choose_resume_tag, pending_checkpoint_error, uncommitted_tags
-
     if (load_dir / str(tag)).exists() or tag not in uncommitted_tags(load_dir, [tag]):
         return  # the usual case costs one stat
     try:
