@@ -78,7 +78,7 @@ strace: | libaio
 $(INSTALLED): setup.py | libaio
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,s3]"
 	$(PY) -c "from ds_fastckpt.native.op import load_op; load_op()"
 	touch $@
 

@@ -18,6 +18,7 @@ LAYERS = [
     {"faults"},
     {"format"},
     {"decisions"},
+    {"remote"},
     {"engine"},
     {"cli"},
     {"integrations"},
