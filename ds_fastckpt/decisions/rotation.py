@@ -72,6 +72,8 @@ class Rotation:
         self.policy = policy
         self._removal_timeout_s = removal_timeout_s
         self._removals: List[Tuple[Path, concurrent.futures.Future]] = []  # (trash dir, its removal)
+        # Tags kept whatever the policy says, asked at each choice: the remote tier's uploads still to come.
+        self.held: Callable[[], Iterable[str]] = tuple
 
     def removing(self) -> List[Path]:
         """The retired directories whose removal is still running."""
@@ -87,7 +89,8 @@ class Rotation:
         """What ``apply`` would delete now; deletes nothing.
 
         Args:
-            save_dir: the checkpoint directory; the tag its ``latest`` names is protected too.
+            save_dir: the checkpoint directory; the tag its ``latest`` names is protected too, and those ``held``
+                names.
             records: its records, when the caller has scanned already (``ls`` lists those not ours too);
                 by default ``scan(save_dir)``.
             protected: tags never to delete.
@@ -95,7 +98,7 @@ class Rotation:
         """
         records = self.scan(save_dir) if records is None else records
         latest = read_latest(Path(save_dir))
-        return choose(records, self.policy, {*protected, *filter(None, [latest])}, incoming)
+        return choose(records, self.policy, {*protected, *self.held(), *filter(None, [latest])}, incoming)
 
     def apply(self, save_dir, protected: Iterable[str] = (), incoming: int = 0,
               submit: Optional[Submit] = None, keep_spare: bool = False,

@@ -7,6 +7,7 @@ knows how a file is written.
 
 import concurrent.futures
 import io
+import logging
 import time
 from typing import Any, Callable, List, Optional, Tuple, Union
 
@@ -14,6 +15,9 @@ import torch
 
 from ds_fastckpt.native.file_part import FilePart, SnapshotTooLargeError
 from ds_fastckpt.native.layout_save import Layout, lay_out, layout_first_supported
+from ds_fastckpt.native.writer import torch_zip_crc32
+
+logger = logging.getLogger(__name__)
 
 THREAD_NAME = "ds_fastckpt-writer"
 REMOVER_THREAD_NAME = "ds_fastckpt-remover"
@@ -96,3 +100,15 @@ def budgeted_snapshot(state_dict, limit_bytes: int, used_bytes: int) -> Tuple[Un
         raise SnapshotTooLargeError(f"this checkpoint's snapshots already took all {limit_bytes} bytes")
     copy = snapshot(state_dict, left if limit_bytes else 0)
     return copy, copy.storage_bytes if isinstance(copy, (Layout, FilePart)) else len(copy)
+
+
+def snapshot_or_original(state_dict, tag: str, limit_bytes: int, used_bytes: int, torch_crc32: bool):
+    """``budgeted_snapshot`` of ``state_dict`` and its size; ``(state_dict, 0)`` with a warning when it does not fit
+    (the caller then writes it before returning). ``torch_crc32``: the engine's option, which decides the layout."""
+    try:
+        with torch_zip_crc32(torch_crc32):
+            return budgeted_snapshot(state_dict, limit_bytes, used_bytes)
+    except SnapshotTooLargeError as error:
+        logger.warning("checkpoint %r: %d bytes left of snapshot_max_bytes=%d; writing this file now, with "
+                       "training waiting for it (%s)", tag, limit_bytes - used_bytes, limit_bytes, error)
+        return state_dict, 0

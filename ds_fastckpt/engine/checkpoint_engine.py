@@ -10,16 +10,17 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
-from ds_fastckpt.decisions.deleter import delete_checkpoint
 from ds_fastckpt.decisions.retention import policy_from_config
 from ds_fastckpt.decisions.rotation import Rotation
 from ds_fastckpt.engine import collectives, in_flight
-from ds_fastckpt.engine.background import REMOVER_THREAD_NAME, BackgroundWriter, budgeted_snapshot, wait_for
-from ds_fastckpt.engine.commit import SaveInProgress, publish
+from ds_fastckpt.engine.background import REMOVER_THREAD_NAME, BackgroundWriter, snapshot_or_original, wait_for
+from ds_fastckpt.engine.commit import SaveInProgress, publish_and_rotate
 from ds_fastckpt.engine.config import FastAioConfig
 from ds_fastckpt.engine.pending import prepare_pending
 from ds_fastckpt.engine.rank_fd_audit import audit_fds
 from ds_fastckpt.engine.rank_group import CommitError, RankGroup
+from ds_fastckpt.engine.remote_resume import TierResume, resume_across_tiers
+from ds_fastckpt.engine.replication import Replication
 from ds_fastckpt.engine.shared_write import FileShare, join_shares, plan_share
 from ds_fastckpt.engine.verified_load import VerifiedLoader
 from ds_fastckpt.engine.writer_groups import WriterGroup, form_writer_group
@@ -30,7 +31,7 @@ from ds_fastckpt.format.names import pending_path
 from ds_fastckpt.format.records import CheckpointRecord
 from ds_fastckpt.format.tags import validate_tag
 from ds_fastckpt.native.device_copy import DeviceCopier
-from ds_fastckpt.native.file_part import FilePart, SnapshotTooLargeError
+from ds_fastckpt.native.file_part import FilePart
 from ds_fastckpt.native.layout_save import Layout, save_layout_first
 from ds_fastckpt.native.op import load_op
 from ds_fastckpt.native.staging import StagingBuffer
@@ -133,6 +134,8 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._remover: Optional[BackgroundWriter] = None  # sync saves with background_delete only
         # Built once: the retention policy, and the removals of rotated checkpoints still running in the background.
         self._rotation = Rotation(policy_from_config(options), options.async_timeout_s)
+        self._replication = None if options.replicate is None else Replication(options.replicate, self._ranks.rank,
+                                                                                node_local, self._rotation)
         self._lock = save_dir_lock.OneLock()  # the save_dir lock this engine holds: one at a time
         self._saved_dirs: Set[str] = set()  # every save_dir saved into, resolved, for the fd audit
         self._checkpoint_dirs: Set[str] = set()  # every checkpoint directory committed, resolved, for the fd audit
@@ -196,6 +199,9 @@ class FastAioCheckpointEngine(CheckpointEngine):
 
     def cleanup(self):
         self.wait()
+        self.wait_replication()
+        if self._replication is not None:
+            self._replication.close()
         self._rotation.finish_removals()
         for thread in filter(None, (self._background, self._remover)):
             thread.shutdown()
@@ -257,7 +263,10 @@ class FastAioCheckpointEngine(CheckpointEngine):
                 if record is not None:  # None for a path outside the checkpoint directory
                     save.files.append(record)
                 return
-            payload = self._snapshot(state_dict, save) if self.options.snapshot else state_dict
+            payload, size = snapshot_or_original(state_dict, save.tag, self.options.snapshot_max_bytes,
+                                                 save.snapshot_bytes, self.options.torch_crc32) \
+                if self.options.snapshot else (state_dict, 0)
+            save.snapshot_bytes += size
             write = self._background.submit(self._write_file, payload, target, save)
             save.pending_writes.append(write)
             if self.options.snapshot and payload is state_dict:  # no room for a snapshot: written before we return
@@ -278,19 +287,6 @@ class FastAioCheckpointEngine(CheckpointEngine):
             save.failed = save.failed or error
             logger.error("writing %s failed; checkpoint %r will not be committed: %s", target, save.tag, error)
             return None
-
-    def _snapshot(self, state_dict, save: SaveInProgress):
-        """A host copy of ``state_dict`` within ``snapshot_max_bytes``; ``state_dict`` itself when it does not fit."""
-        limit = self.options.snapshot_max_bytes
-        try:
-            with torch_zip_crc32(self.options.torch_crc32):
-                copy, size = budgeted_snapshot(state_dict, limit, save.snapshot_bytes)
-        except SnapshotTooLargeError as error:
-            logger.warning("checkpoint %r: %d bytes left of snapshot_max_bytes=%d; writing this file now, with "
-                           "training waiting for it (%s)", save.tag, limit - save.snapshot_bytes, limit, error)
-            return state_dict
-        save.snapshot_bytes += size
-        return copy
 
     def _write_file(self, payload, path: Path, save: Optional[SaveInProgress]) -> Union[FileRecord, FileShare, None]:
         """Writes one file durably: a state laid out first (``layout_save``), a snapshot, serialized bytes, or
@@ -352,7 +348,10 @@ class FastAioCheckpointEngine(CheckpointEngine):
         files = [record for rank_files, _ in gathered for record in rank_files]
         self._on_leader(lambda: self._publish(save, files), not_committed)
         self._failed_pending = None
-        audit_fds(save.save_dir, save.tag, self.options.fd_audit, self._ranks, self._rotation.removing(),
+        if self._replication is not None:
+            self._replication.enqueue(save.final, files, save.save_latest, self.is_storage_leader())
+        audit_fds(save.save_dir, save.tag, self.options.fd_audit, self._ranks,
+                  self._rotation.removing() + (self._replication.reading() if self._replication else []),
                   self._saved_dirs, self._checkpoint_dirs)
         return True
 
@@ -361,8 +360,17 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._loader.verify_before_load(tag_dir)
 
     def resume_tag(self, save_dir: Path) -> Tuple[Optional[str], str]:
-        """The tag ``load_checkpoint(save_dir)`` resumes from, and why (``VerifiedLoader.resume_tag``)."""
-        return self._loader.resume_tag(save_dir)
+        """The tag ``load_checkpoint(save_dir)`` resumes from, and why (``VerifiedLoader.resume_tag``); with
+        ``replicate``, the newest of either tier, restored into ``save_dir`` when only remote (``remote_resume``)."""
+        if self._replication is None:
+            return self._loader.resume_tag(save_dir)
+        tiers = TierResume(self._replication.store, self._ranks, self.is_storage_leader(), self.node_local,
+                           self._rotation, self._lock, self.options.fsync, self._loader.forget)
+        return resume_across_tiers(save_dir, lambda: self._loader.resume_tag(save_dir), tiers)
+
+    def wait_replication(self, timeout_s: Optional[float] = None) -> List[str]:
+        """Waits for the replication of committed checkpoints (``Replication.wait``); returns what is left."""
+        return [] if self._replication is None else self._replication.wait(timeout_s)
 
     def rotate(self, save_dir: Path, protected=()) -> List[CheckpointRecord]:
         """Deletes what the retention policy chooses (see ``rotation.Rotation.apply``); returns what was deleted.
@@ -380,19 +388,10 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._ranks.on_leader(self.is_storage_leader(), action, failure)
 
     def _publish(self, save: SaveInProgress, files: List[Union[FileRecord, FileShare]]) -> None:
-        if self.node_local:
-            files = [record for record in files if record.host == self._host]
-        files = join_shares(files)
-        replaced = publish(save, files, fsync=self.options.fsync, changed=self._loader.forget)
-        # Committed. What follows only frees space: a failure there is logged and retried by the next save.
-        try:
-            if replaced is not None:
-                old_copy = CheckpointRecord(name=replaced.name, tag=save.tag, leftover="pending")
-                delete_checkpoint(save.save_dir, old_copy)
-            self.rotate(save.save_dir, protected={save.tag})
-        except OSError as error:
-            logger.error("checkpoint %r is committed, but removing old checkpoints failed (the next save retries): "
-                         "%s", save.tag, error)
+        publish_and_rotate(save, join_shares([record for record in files if record.host == self._host]
+                                             if self.node_local else files),
+                           fsync=self.options.fsync, changed=self._loader.forget,
+                           rotate=lambda: self.rotate(save.save_dir, protected={save.tag}))
 
     def _staging_buffer(self) -> StagingBuffer:
         if self._staging is None:

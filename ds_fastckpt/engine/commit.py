@@ -24,12 +24,13 @@ import deepspeed
 
 from ds_fastckpt import storage
 from ds_fastckpt._version import __version__
+from ds_fastckpt.decisions.deleter import delete_checkpoint
 from ds_fastckpt.engine import collectives
 from ds_fastckpt.faults import save_points
 from ds_fastckpt.format.atomicity import atomic_write_bytes, publish_dir, undo_publish
 from ds_fastckpt.format.manifest import FileRecord, Manifest, write_manifest
 from ds_fastckpt.format.names import LATEST_NAME, PENDING_MARKER_NAME
-from ds_fastckpt.format.records import newest_sequence, scan, spare_dirs
+from ds_fastckpt.format.records import CheckpointRecord, newest_sequence, scan, spare_dirs
 from ds_fastckpt.format.small_files import UnsafeSmallFileError, read_small_file
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,12 @@ def publish(save: SaveInProgress, files: List[FileRecord], *, fsync: bool,
                         committed_unix_ns=time.time_ns(), world_size=collectives.world_size(),
                         deepspeed_version=deepspeed.__version__, ds_fastckpt_version=__version__,
                         files=sorted(files, key=lambda record: record.path))
+    return publish_manifest(save, manifest, fsync=fsync, changed=changed)
+
+
+def publish_manifest(save: SaveInProgress, manifest: Manifest, *, fsync: bool,
+                     changed: Callable[[Path], None]) -> Optional[Path]:
+    """Commits ``save`` with ``manifest`` as it is (``publish`` makes one; a restore brings the remote one)."""
     storage.storage_for(save.pending).remove_file(save.pending / PENDING_MARKER_NAME)
     if fsync:
         _sync_tree(save.pending)
@@ -115,6 +122,22 @@ def publish(save: SaveInProgress, files: List[FileRecord], *, fsync: bool,
     if save.save_latest:
         _write_latest(save, replaced is not None, previous_latest, fsync=fsync, changed=changed)
     return replaced
+
+
+def publish_and_rotate(save: SaveInProgress, files: List[FileRecord], *, fsync: bool,
+                       changed: Callable[[Path], None], rotate: Callable[[], object]) -> None:
+    """``publish``, then frees space: the tag's previous copy, if saved again, and what ``rotate`` retires.
+
+    Once published the checkpoint is committed: a failure while freeing space is logged, and the next save retries.
+    """
+    replaced = publish(save, files, fsync=fsync, changed=changed)
+    try:
+        if replaced is not None:
+            delete_checkpoint(save.save_dir, CheckpointRecord(name=replaced.name, tag=save.tag, leftover="pending"))
+        rotate()
+    except OSError as error:
+        logger.error("checkpoint %r is committed, but removing old checkpoints failed (the next save retries): "
+                     "%s", save.tag, error)
 
 
 def _write_latest(save: SaveInProgress, exchanged: bool, previous: Optional[bytes], *, fsync: bool,

@@ -27,6 +27,7 @@ from pydantic import Field, StrictBool, StrictFloat, StrictInt, ValidationError
 from ds_fastckpt.native.op import DIRECT_ALIGNMENT, MAX_QUEUE_DEPTH
 from ds_fastckpt.native.refusals import refusal
 from ds_fastckpt.native.tuning import DEFAULT_IO_BUFFER_SIZE, AioTuning, IoBufferSize
+from ds_fastckpt.remote.options import REPLICATE_KEY, ReplicateConfig, ReplicateConfigError, parse_replicate
 
 ENGINE_KEY = "engine"
 SECTION_KEY = "fast_aio"
@@ -133,6 +134,10 @@ class FastAioConfig(DeepSpeedConfigModel):
     """With several ranks: how long a rank waits at the start and at the commit of a save for the
     others (still writing, or dead) before the save fails with ``CommitError`` on it."""
 
+    replicate: Optional[ReplicateConfig] = None
+    """The remote tier (see ``ds_fastckpt.remote.options``): every committed checkpoint is also uploaded in the
+    background to ``replicate.url``, and a resume takes the newest complete checkpoint of either tier."""
+
 
 # The keys a user writes: the alias where a field has one ("async" is a Python keyword).
 _KEYS = tuple(field.alias or name for name, field in FastAioConfig.model_fields.items())
@@ -224,9 +229,14 @@ def parse_fast_aio(checkpoint_section: Mapping[str, Any], *, check_host: bool = 
     if unknown:
         raise ConfigError(f"checkpoint.fast_aio has unknown key(s) {', '.join(map(repr, unknown))}: "
                           f"allowed keys are {', '.join(_KEYS)}")
+    section = dict(section)
+    try:
+        replicate = parse_replicate(section.pop(REPLICATE_KEY, None))
+    except ReplicateConfigError as error:
+        raise ConfigError(str(error)) from None
     try:
         # strict=True: DeepSpeedConfigModel would otherwise drop every "auto" value, silently using the default.
-        config = FastAioConfig(strict=True, **section)
+        config = FastAioConfig(strict=True, replicate=replicate, **section)
     except ValidationError as error:
         refused = refusal(FastAioConfig, error)
         raise ConfigError(f"checkpoint.fast_aio.{refused.key}={section[refused.key]!r} is not allowed: "

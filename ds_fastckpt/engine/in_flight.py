@@ -60,9 +60,22 @@ os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def track(engine) -> None:
-    """Registers a fast_aio engine for ``wait``/``wait_all``; notes an uncaught exception's exit from now on."""
+    """Registers a fast_aio engine for ``wait``/``wait_all``; notes an uncaught exception's exit from now on.
+
+    At a normal exit, waits a bounded time (``replicate.wait_timeout_s``) for the engine's uploads to the remote
+    tier. Registered before ``commit_at_exit``, so it runs after it (atexit is last in, first out): the checkpoint
+    committed at exit is uploaded too.
+    """
     _chain_excepthook()
     _live_engines[engine] = next(_created)
+    reference, owner = weakref.ref(engine), os.getpid()
+
+    def replicate_at_exit():
+        live = reference()
+        if live is not None and os.getpid() == owner and live in _live_engines and not _exception_exit:
+            live.wait_replication()
+
+    atexit.register(replicate_at_exit)
 
 
 def _in_flight_engines() -> list:
@@ -72,13 +85,16 @@ def _in_flight_engines() -> list:
 
 
 def wait_all() -> None:
-    """Finishes and commits the checkpoint in flight of every live fast_aio engine in this process.
+    """Finishes and commits the checkpoint in flight of every live fast_aio engine in this process, then waits
+    (``replicate.wait_timeout_s`` at most) for their uploads to the remote tier.
 
     For code that does not hold the DeepSpeed engine, such as a training
     framework's callback. Every rank must call it.
     """
     for engine in _in_flight_engines():
         engine.wait()
+    for engine in sorted(_live_engines.keys(), key=_live_engines.get):
+        engine.wait_replication()
 
 
 def wait(ds_engine) -> None:

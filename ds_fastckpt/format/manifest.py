@@ -56,13 +56,19 @@ class Manifest:
     deepspeed_version: str
     ds_fastckpt_version: str
     files: List[FileRecord] = field(default_factory=list)
+    # Remote manifests only: files a client wrote beside the tag directory in its save_dir (the Hugging Face
+    # Trainer's trainer_state.json, rng states, ...), paths relative to that save_dir (see remote.layout).
+    client_files: List[FileRecord] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
         return sum(record.bytes for record in self.files)
 
     def to_json(self) -> bytes:
-        return json.dumps({"format": FORMAT, **asdict(self)}, indent=1).encode()
+        content = asdict(self)
+        if not self.client_files:  # a local manifest stays as it always was
+            del content["client_files"]
+        return json.dumps({"format": FORMAT, **content}, indent=1).encode()
 
 
 @dataclass(frozen=True)
@@ -82,10 +88,22 @@ def read_manifest(tag_dir: Path) -> Optional[Manifest]:
     """
     path = Path(tag_dir) / MANIFEST_NAME
     parsed = _read_validated(path, _ManifestSchema, MAX_MANIFEST_BYTES, "checkpoint manifest")
-    if parsed is None:
-        return None
-    return Manifest(**parsed.model_dump(exclude={"format", "files"}),
-                    files=[FileRecord(**record.model_dump()) for record in parsed.files])
+    return None if parsed is None else _manifest_of(parsed)
+
+
+def parse_manifest(raw: bytes, where: str) -> Manifest:
+    """The manifest in ``raw`` (read from elsewhere, e.g. the remote tier), validated as ``read_manifest`` does.
+
+    Raises:
+        ManifestError: naming ``where`` and the first problem.
+    """
+    return _manifest_of(_validate(raw, _ManifestSchema, where, "checkpoint manifest"))
+
+
+def _manifest_of(parsed) -> Manifest:
+    return Manifest(**parsed.model_dump(exclude={"format", "files", "client_files"}),
+                    files=[FileRecord(**record.model_dump()) for record in parsed.files],
+                    client_files=[FileRecord(**record.model_dump()) for record in parsed.client_files])
 
 
 def write_manifest(tag_dir: Path, manifest: Manifest, fsync: bool = True) -> None:
@@ -205,6 +223,7 @@ class _ManifestSchema(_Schema):
     deepspeed_version: _Text
     ds_fastckpt_version: _Text
     files: List[_FileRecordSchema]
+    client_files: List[_FileRecordSchema] = []
 
 
 class _PendingMarkerSchema(_Schema):
@@ -223,7 +242,7 @@ def _read_validated(path: Path, schema, limit: int, what: str):
     return _validate(raw, schema, path, what)
 
 
-def _validate(raw: bytes, schema, path: Path, what: str):
+def _validate(raw: bytes, schema, path, what: str):
     try:
         return schema.model_validate_json(raw)
     except ValidationError as error:

@@ -8,6 +8,8 @@
 ``.<name>.<hex>.ds_fastckpt-tmp``    a small file being replaced atomically (``atomicity``)
 ``latest``                           DeepSpeed's hint of the newest tag, written atomically
 ``.ds_fastckpt.lock``                the lock of the job saving here (``save_dir_lock``)
+``.ds_fastckpt-remote.json``         where this save_dir is replicated: ``{"url": ..., "endpoint_url": ...}``, for
+                                     ``ds-fastckpt ls`` (written by the engine; read as untrusted)
 
 The pending, trash and spare names mark a directory as ours, so an interrupted save
 or deletion can be cleaned up later without touching anything else.
@@ -20,6 +22,7 @@ MANIFEST_NAME = "ds_fastckpt_manifest.json"
 PENDING_MARKER_NAME = ".ds_fastckpt_pending.json"
 LATEST_NAME = "latest"
 LOCK_NAME = ".ds_fastckpt.lock"
+REMOTE_NOTE_NAME = ".ds_fastckpt-remote.json"
 PENDING_SUFFIX = ".ds_fastckpt-tmp"
 TRASH_SUFFIX = ".ds_fastckpt-trash"
 SPARE_SUFFIX = ".ds_fastckpt-spare"

@@ -56,7 +56,7 @@ def one_rank_per_node(monkeypatch):
 
 def test_table_covers_every_key():
     keys = [field.alias or name for name, field in FastAioConfig.model_fields.items()]
-    assert sorted(TABLE) == sorted(keys)
+    assert sorted([*TABLE, "replicate"]) == sorted(keys)  # the replicate section: tests/unit/test_replicate_config.py
 
 
 @pytest.mark.parametrize("key, value", ACCEPTED, ids=repr)
@@ -107,7 +107,8 @@ def test_unknown_keys_are_named_with_the_allowed_ones(section, unknown):
     assert str(raised.value) == (
         f"checkpoint.fast_aio has unknown key(s) {unknown}: allowed keys are keep_last, keep_every, fsync, verify, "
         f"fd_audit, io_buffer_size, torch_crc32, trusted_pickles, skip_damaged_on_resume, background_delete, "
-        f"recycle_retired, parallel_writers, async, snapshot, snapshot_max_bytes, async_timeout_s, commit_timeout_s")
+        f"recycle_retired, parallel_writers, async, snapshot, snapshot_max_bytes, async_timeout_s, commit_timeout_s, "
+        f"replicate")
 
 
 @pytest.mark.parametrize("section", [[1, 2], "fast", 3, True, ("keep_last", 1)])
