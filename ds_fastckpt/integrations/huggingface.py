@@ -47,6 +47,7 @@ from typing import Any, List, Optional, Tuple
 from ds_fastckpt.decisions.resume import choose_resume_tag
 from ds_fastckpt.engine.in_flight import wait, wait_all
 from ds_fastckpt.format.integrity import CheckpointIntegrityError
+from ds_fastckpt.integrations import hf_remote
 from ds_fastckpt.integrations.pending_checkpoints import (is_pending_only, pending_checkpoint_error,
                                                           uncommitted_tags)
 
@@ -134,6 +135,7 @@ def _make_callback_class():
         """
 
         def on_save(self, args, state, control, **kwargs):
+            hf_remote.checkpoint_saved(args.output_dir, state.global_step)  # before a commit, which uploads it
             if state.global_step >= state.max_steps or control.should_training_stop:
                 _commit_in_flight(f"the save at step {state.global_step} ends training")
             return control
@@ -149,6 +151,7 @@ def _make_callback_class():
 
 _callback_class = None
 _WIRED = "_ds_fastckpt_wired"
+_FROM_REMOTE = "_ds_fastckpt_from_remote"
 
 
 def _wired(wrapper, original):
@@ -157,19 +160,31 @@ def _wired(wrapper, original):
     return wrapper
 
 
-def _resumable_last_checkpoint(original):
-    """``get_last_checkpoint`` that passes over a newest ``checkpoint-N`` whose DeepSpeed tag is only pending."""
+def _resumable_last_checkpoint(original, from_remote: bool = False):
+    """``get_last_checkpoint`` that passes over a newest ``checkpoint-N`` whose DeepSpeed tag is only pending.
+
+    ``from_remote``: also restore a newer checkpoint from the remote tier (``hf_remote.newer_from_remote``). Only
+    the name ``Trainer.train`` calls does, on every process at once: a script's own call may come from one process.
+    """
+
+    def newer(folder, found):
+        return hf_remote.newer_from_remote(folder, found) if from_remote else found
 
     def get_last_checkpoint(folder, *args, **kwargs):
-        found = original(folder, *args, **kwargs)
+        try:
+            found = original(folder, *args, **kwargs)
+        except FileNotFoundError:  # another process has not made output_dir again yet: it may come from remote
+            if not (from_remote and hf_remote.replicating()):
+                raise
+            found = None
         if found is None or not is_pending_only(found):
-            return found
+            return newer(folder, found)
         instead = last_complete_checkpoint(folder)
         logger.warning("%s holds DeepSpeed checkpoint %s only as a pending directory, never committed (the job "
                        "ended while its async save was in flight): %s", found, ", ".join(uncommitted_tags(found)),
                        f"resuming from {instead}, the newest complete checkpoint" if instead is not None
-                       else "no complete checkpoint is left, so there is nothing to resume from")
-        return instead
+                       else "no complete checkpoint is left locally")
+        return newer(folder, instead)
 
     return _wired(get_last_checkpoint, original)
 
@@ -205,6 +220,7 @@ def _init_with_callback(original):
 
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
+        hf_remote.trainer_created(self)
         handler = getattr(self, "callback_handler", None)
         callback_class = _callback_type()
         if handler is None or any(isinstance(callback, callback_class) for callback in handler.callbacks):
@@ -235,7 +251,12 @@ def patch_deepspeed_integration(module) -> None:
 
 def patch_trainer(module) -> None:
     """Wraps the names ``transformers.trainer`` imported before it was patched, and ``Trainer.__init__``; idempotent."""
-    _patch_attribute(module, "get_last_checkpoint", _resumable_last_checkpoint)
+    current = getattr(module, "get_last_checkpoint", None)
+    if current is not None and not getattr(current, _FROM_REMOTE, False):
+        # The name may hold trainer_utils' function wired already (imported after it was patched): rewire its original.
+        original = current.__wrapped__ if getattr(current, _WIRED, False) else current
+        module.get_last_checkpoint = _resumable_last_checkpoint(original, from_remote=True)
+        setattr(module.get_last_checkpoint, _FROM_REMOTE, True)
     _patch_attribute(module, "deepspeed_load_checkpoint", _committing_load)
     trainer_class = getattr(module, "Trainer", None)
     if trainer_class is not None:

@@ -10,7 +10,9 @@ goes on. Final parameters (gathered under ZeRO-3) go to
 
 Plans: ``first`` (1 process), ``kill`` (1 process, SIGKILLed in an async
 save), ``resume`` (1 process, after ``first`` and ``kill``), ``two_first``
-and ``two_resume`` (2 processes).
+and ``two_resume`` (2 processes), ``two_replicate_first`` and
+``two_replicate_resume`` (2 processes, replicating to the remote tier
+``HF_REPLICATE_URL``, tests/remote/test_hf_remote.py).
 """
 
 import os
@@ -304,6 +306,23 @@ def resume_after_kill(out: Path, job: str) -> dict:
     return result
 
 
+def replicated(out: Path, job: str, resume=None, stop_at: int = STEPS) -> dict:
+    """A ZeRO-2 job replicating to ``HF_REPLICATE_URL`` (remote ``keep_last`` 2); reports what the remote tier holds
+    once the job's engine is destroyed (which waits for the uploads)."""
+    from ds_fastckpt.remote.catalog import read_catalog
+    from ds_fastckpt.remote.url import open_store
+
+    url = os.environ["HF_REPLICATE_URL"]
+    config = ds_config(2, replicate={"url": url, "keep_last": 2, "request_timeout_s": 10, "wait_timeout_s": 120})
+    result = {}
+    result.update(train_job(out, job, config, resume=resume, stop_at=stop_at, callbacks=[RecordStart(result)]))
+    catalog = read_catalog(open_store(url, part_size=16 << 20, concurrency=2, request_timeout_s=10))
+    result["remote"] = {tag: sorted(record.path for record in manifest.client_files)
+                        for tag, manifest in catalog.complete.items()}
+    result["remote_latest"] = catalog.latest
+    return result
+
+
 def plan_jobs(plan: str, out: Path):
     if plan == "first":
         yield "ref_z2", lambda: train_job(out, "ref_z2", ds_config(2))
@@ -328,6 +347,11 @@ def plan_jobs(plan: str, out: Path):
         yield "two_part_z3", lambda: save_model_beside_checkpoints(out, "two_part_z3", 3)
     elif plan == "two_resume":
         yield "two_part_z3", lambda: train_job(out, "two_part_z3", ds_config(3), resume=True)
+    elif plan == "two_replicate_first":
+        yield "two_ref_z2", lambda: train_job(out, "two_ref_z2", ds_config(2))
+        yield "two_replicated", lambda: replicated(out, "two_replicated", stop_at=6)
+    elif plan == "two_replicate_resume":
+        yield "two_replicated", lambda: replicated(out, "two_replicated", resume=True)
     else:
         raise SystemExit(f"unknown plan {plan!r}")
 
