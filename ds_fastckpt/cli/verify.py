@@ -1,4 +1,8 @@
-"""``ds-fastckpt verify``: every file's size and CRC-32C against its manifest, with progress."""
+"""``ds-fastckpt verify``: every file's size and CRC-32C against its manifest, with progress.
+
+A save_dir's files are read in place; the remote tier's (``s3://...``) are downloaded one at a time and
+checked on the way (``remote_verify``).
+"""
 
 import os
 import stat
@@ -15,7 +19,7 @@ from ds_fastckpt.native.op import load_op
 _CHUNK = 8 << 20
 
 
-class _Progress:
+class Progress:
     """A progress bar on a terminal, one plain line per file otherwise; both on stderr."""
 
     def __init__(self, total_bytes: int, total_files: int):
@@ -40,7 +44,7 @@ class _Progress:
             self._bar.close()
 
 
-def _crc32c_of(file, progress: _Progress) -> Tuple[int, int]:
+def _crc32c_of(file, progress: Progress) -> Tuple[int, int]:
     op, crc, size = load_op(), 0, 0
     while chunk := file.read(_CHUNK):
         crc = op.crc32c(chunk, crc)
@@ -49,7 +53,7 @@ def _crc32c_of(file, progress: _Progress) -> Tuple[int, int]:
     return crc, size
 
 
-def _check(path: Path, record: FileRecord, progress: _Progress) -> List[str]:
+def _check(path: Path, record: FileRecord, progress: Progress) -> List[str]:
     # The manifest's paths were checked to stay inside the tag directory when it was read; what is there may
     # still be a FIFO or a device: never opened, or (swapped in since the stat) opened without blocking.
     try:
@@ -73,7 +77,7 @@ def _check(path: Path, record: FileRecord, progress: _Progress) -> List[str]:
 
 
 def run(args) -> int:
-    save_dir: Path = args.dir
+    save_dir = Path(args.dir)
     if not save_dir.is_dir():
         raise FileNotFoundError(2, "not a checkpoint directory", str(save_dir))
     records = [record for record in scan(save_dir, include_not_ours=True) if not record.leftover]
@@ -90,7 +94,7 @@ def run(args) -> int:
         else:
             targets.append(record)
     files = [(save_dir / record.name / file.path, file) for record in targets for file in record.manifest.files]
-    progress = _Progress(sum(file.bytes for _, file in files), len(files))
+    progress = Progress(sum(file.bytes for _, file in files), len(files))
     try:
         for path, file in files:
             problems.extend(_check(path, file, progress))
