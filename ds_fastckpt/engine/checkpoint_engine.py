@@ -134,7 +134,7 @@ class FastAioCheckpointEngine(CheckpointEngine):
         self._remover: Optional[BackgroundWriter] = None  # sync saves with background_delete only
         # Built once: the retention policy, and the removals of rotated checkpoints still running in the background.
         self._rotation = Rotation(policy_from_config(options), options.async_timeout_s)
-        self._replication = None if options.replicate is None else Replication(options.replicate, self._ranks.rank,
+        self._replication = None if options.replicate is None else Replication(options.replicate, self._ranks,
                                                                                 node_local, self._rotation)
         self._lock = save_dir_lock.OneLock()  # the save_dir lock this engine holds: one at a time
         self._saved_dirs: Set[str] = set()  # every save_dir saved into, resolved, for the fd audit

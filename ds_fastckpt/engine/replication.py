@@ -24,6 +24,7 @@ from typing import Deque, Dict, List, Optional, Sequence, Set, Union
 from ds_fastckpt.decisions.retention import policy_from_config
 from ds_fastckpt.decisions.rotation import Rotation
 from ds_fastckpt.engine.config import ConfigError
+from ds_fastckpt.engine.rank_group import RankGroup
 from ds_fastckpt.engine.shared_write import FileShare, join_shares
 from ds_fastckpt.format.atomicity import atomic_write_bytes
 from ds_fastckpt.format.manifest import FileRecord, read_manifest
@@ -82,17 +83,19 @@ class Replication:
 
     Args:
         options: the ``replicate`` section.
-        rank: this rank.
+        ranks: the engine's rank group: this rank, and the all-gather that tells each rank what the others hold.
         node_local: each node has its own save_dir (``use_node_local_storage``).
         rotation: the engine's local rotation: from now on it keeps what ``held_tags`` names.
         store: the remote tier, when already open (tests); by default ``open_checked_store(options)``.
     """
 
-    def __init__(self, options: ReplicateConfig, rank: int, node_local: bool, rotation: Rotation,
+    def __init__(self, options: ReplicateConfig, ranks: RankGroup, node_local: bool, rotation: Rotation,
                  store: Optional[ObjectStore] = None):
         self.options = options
         self.store = store or open_checked_store(options)
-        self.rank = rank
+        self.rank = rank = ranks.rank
+        self._ranks = ranks
+        self._held_elsewhere: Set[str] = set()  # what the other ranks still read, as of the last enqueue
         self.node_local = node_local
         self.uploader = Uploader(self.store, rank, options.max_pending)
         self._noted: Set[Path] = set()  # save_dirs whose remote note is written
@@ -124,16 +127,31 @@ class Replication:
             self._held[client_dir] = job  # the client is still writing there: client_files_ready submits it
         elif mine or client_dir is not None:
             self.uploader.submit(job)
-        if self.committer is None:
-            return
+        if self.committer is not None:
+            self._commit_remotely(tag_dir, records, save_latest, client_dir is not None)
+        self._share_held_tags(tag_dir.name)
+
+    def _commit_remotely(self, tag_dir: Path, records: List[FileRecord], save_latest: bool,
+                         with_client: bool) -> None:
+        """Rank 0: hands the committer the remote manifest, to write once every uploading rank reports."""
         manifest = read_manifest(tag_dir)  # rank 0 is a storage leader: its own commit just wrote it
         if manifest is None:
             logger.warning("checkpoint %r is not replicated: rank 0 has no manifest of it at %s", tag_dir.name,
                            tag_dir)
             return
         remote = dataclasses.replace(manifest, files=records)
-        uploaders = {record.rank for record in records} | ({self.rank} if client_dir is not None else set())
+        uploaders = {record.rank for record in records} | ({self.rank} if with_client else set())
         self.committer.submit(RemoteCommit(remote, uploaders, save_latest))
+
+    def _share_held_tags(self, tag: str) -> None:
+        """Tells every rank what each still reads (a collective: every rank's ``enqueue`` ends with it).
+
+        A storage leader rotates its save_dir alone, while the other ranks there (each node's, with node-local
+        storage) may still upload from it: until the next save, it keeps what they held now, a superset of what
+        they will hold then, as held tags only shrink until the next ``enqueue``. Its own it asks live.
+        """
+        gathered = self._ranks.gather(self.held_tags(own_only=True), f"the uploads of checkpoint {tag!r}")
+        self._held_elsewhere = set().union(*(held for rank, held in enumerate(gathered) if rank != self.rank))
 
     def client_files_ready(self, save_dir: Path) -> None:
         """Submits rank 0's upload held for ``save_dir`` (see ``expect_client_files``), or remembers the call."""
@@ -168,10 +186,13 @@ class Replication:
         except OSError as error:
             logger.warning("could not note the remote tier in %s: %s", path, error)
 
-    def held_tags(self) -> Set[str]:
-        """Tags the local rotation must keep: still to be uploaded here, or (rank 0) still to be committed."""
+    def held_tags(self, own_only: bool = False) -> Set[str]:
+        """Tags the local rotation must keep: still to be uploaded here or, unless ``own_only``, by another rank as
+        of the last ``share_held_tags``, or (rank 0) still to be committed remotely."""
         held = self.uploader.held_tags() | {job.tag for job in list(self._held.values())}
-        return held | self.committer.unsettled() if self.committer is not None else held
+        if self.committer is not None:
+            held |= self.committer.unsettled()
+        return held if own_only else held | self._held_elsewhere
 
     def reading(self) -> List[Path]:
         return self.uploader.reading()

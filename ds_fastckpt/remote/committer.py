@@ -105,14 +105,8 @@ class Committer:
 
     def wait(self, timeout_s: float) -> bool:
         """Waits until no commit is outstanding, at most ``timeout_s``; returns whether it is so."""
-        deadline = time.monotonic() + timeout_s
         with self._changed:
-            while self._outstanding:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._changed.wait(left)
-            return True
+            return self._changed.wait_for(lambda: not self._outstanding, timeout_s)
 
     def close(self) -> None:
         self._stop.set()

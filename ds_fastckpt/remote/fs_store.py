@@ -24,9 +24,9 @@ from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 from ds_fastckpt.format.manifest import check_relative_path
 from ds_fastckpt.remote.fs_paths import READ_FLAGS, about, open_dir, refusal
-from ds_fastckpt.remote.parts import (PartPool, NEW_FILE_FLAGS, NEW_FILE_MODE, check_transfer, combine_crcs, crc32c_of,
-                                      create_new_file, naming, part_ranges, read_part, remove_quietly, run_parts,
-                                      write_part)
+from ds_fastckpt.remote.parts import (NEW_FILE_FLAGS, NEW_FILE_MODE, PartPool, check_transfer, combine_crcs,
+                                      crc32c_of, create_new_file, naming, open_to_upload, part_ranges, read_part,
+                                      remove_quietly, run_parts, write_part)
 from ds_fastckpt.remote.store import (ObjectStore, RemoteIntegrityError, RemoteObject, RemoteObjectTooLargeError,
                                       RemoteUnavailableError)
 
@@ -183,13 +183,8 @@ class FsStore(ObjectStore):
 
     def upload_file(self, local_path: Path, key: str, *, size: int, crc32c: int) -> None:
         with self._mapped():
-            source = os.open(local_path, os.O_RDONLY | os.O_CLOEXEC)
+            source = open_to_upload(local_path, key, size)
             try:
-                with naming(local_path, "stat"):
-                    local_size = os.fstat(source).st_size
-                if local_size != size:
-                    raise RemoteIntegrityError(f"upload of {key!r} ({local_path}): the manifest records {size} bytes, "
-                                               f"the file has {local_size}")
 
                 def fill(fd: int, temp_path: str) -> None:
                     parts = self._copy_parts((source, str(local_path)), (fd, temp_path), "upload", key, size)

@@ -160,6 +160,26 @@ def remove_quietly(path: Union[str, Path]) -> None:
         pass
 
 
+def open_to_upload(local_path: Union[str, Path], key: str, size: int) -> int:
+    """A read-only descriptor of the file to upload to ``key``, once its size is the ``size`` the manifest records.
+
+    Raises:
+        RemoteIntegrityError: the file has another size (nothing stays open).
+        OSError: with errno and path.
+    """
+    fd = os.open(local_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with naming(local_path, "stat"):
+            local_size = os.fstat(fd).st_size
+        if local_size != size:
+            raise RemoteIntegrityError(f"upload of {key!r} ({local_path}): the manifest records {size} bytes, "
+                                       f"the file has {local_size}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def check_transfer(what: str, key: str, local_path: Union[str, Path], *, expected_size: int, expected_crc: int,
                    got_size: int, got_crc: int) -> None:
     """Raises ``RemoteIntegrityError`` when the bytes moved are not the ones expected.

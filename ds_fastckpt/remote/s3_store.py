@@ -24,7 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ds_fastckpt.format.manifest import check_relative_path
 from ds_fastckpt.remote.parts import (PartPool, check_transfer, combine_crcs, crc32c_of, create_new_file, naming,
-                                      part_ranges, read_part, remove_quietly, run_parts, write_part)
+                                      open_to_upload, part_ranges, read_part, remove_quietly, run_parts, write_part)
 from ds_fastckpt.remote.s3_errors import is_not_found, is_precondition_failed, mapped_errors
 from ds_fastckpt.remote.store import (ObjectStore, RemoteError, RemoteIntegrityError, RemoteObject,
                                       RemoteObjectTooLargeError, RemoteUnavailableError)
@@ -123,13 +123,8 @@ class S3Store(ObjectStore):
     def upload_file(self, local_path: Path, key: str, *, size: int, crc32c: int) -> None:
         full_key = self._full_key(key)
         with mapped_errors(self._where("uploading", key)):
-            fd = os.open(local_path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_to_upload(local_path, key, size)
             try:
-                with naming(local_path, "stat"):
-                    local_size = os.fstat(fd).st_size
-                if local_size != size:
-                    raise RemoteIntegrityError(f"upload of {key!r} ({local_path}): the manifest records {size} bytes, "
-                                               f"the file has {local_size}")
                 if size <= self.part_size:
                     self._put_whole(fd, local_path, key, full_key, size, crc32c)
                 else:

@@ -30,7 +30,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Deque, Dict, List, Optional, Set, Tuple
@@ -163,14 +162,8 @@ class Uploader:
 
     def wait(self, timeout_s: float) -> bool:
         """Waits until nothing waits or uploads, at most ``timeout_s``; returns whether it is so."""
-        deadline = time.monotonic() + timeout_s
         with self._changed:
-            while self._running is not None or self._waiting or self._final:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._changed.wait(left)
-            return True
+            return self._changed.wait_for(lambda: not (self._running or self._waiting or self._final), timeout_s)
 
     def close(self) -> None:
         """Stops retrying: what is still uploading gives up at its next wait. Uploads nothing more."""

@@ -190,6 +190,11 @@ class SeaweedServer:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    @property
+    def pid(self) -> int:
+        """The server process, for a test whose child process stops it itself."""
+        return self._process.pid
+
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

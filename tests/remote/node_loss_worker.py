@@ -7,7 +7,8 @@ The environment says how: ``NODE_LOSS_PHASE`` ("save" or "resume"), ``NODE_LOSS_
 the 4 ranks are two simulated nodes (UTS namespaces, as in tests/engine/two_node_worker.py) with
 ``use_node_local_storage``, each saving into OUT_DIR/node<N>; with "1" all ranks share OUT_DIR/shared.
 
-"save": 2 saves of ZeRO-1 with ``keep_last`` 1 (the first is rotated away locally, kept remotely); ``ds_fastckpt.wait_all()``; each rank writes its full state to OUT_DIR/saved<R>.pt.
+"save": 2 saves of ZeRO-1 with ``keep_last`` 1 (the first is rotated away locally, kept remotely);
+``ds_fastckpt.wait_all()``; each rank writes its full state to OUT_DIR/saved<R>.pt.
 "resume": a fresh engine (other seed) loads the save_dir without a tag; each rank writes OUT_DIR/rank<R>.json
 with the path loaded, the client_state, and whether its state is the saved one bit for bit.
 """

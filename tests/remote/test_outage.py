@@ -3,12 +3,14 @@ and is not: a server stopped (SIGSTOP: requests hang) or killed (SIGKILL) mid-up
 mid-upload. Each test has a server of its own, as it stops or kills it.
 """
 
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +18,7 @@ import ds_fastckpt
 from ds_fastckpt.format.names import MANIFEST_NAME
 from ds_fastckpt.remote import layout
 from ds_fastckpt.remote.catalog import read_catalog
-from tests.ds_helpers import REPO, init_engine, single_process_env, train
+from tests.ds_helpers import init_engine, single_process_env, train
 from tests.remote.conftest import SeaweedServer, weed_binary
 from tests.remote.replicas import remote_keys, replicate_options, store_of
 
@@ -106,36 +108,25 @@ def test_a_server_killed_mid_upload_loses_nothing_and_the_next_save_replicates(t
     engine.destroy()
 
 
-KILLED_WORKER = """
-import sys
-sys.path.insert(0, {repo!r})
-from tests.ds_helpers import init_engine, single_process_env, train
-from tests.remote.replicas import replicate_options
+SAVE_WORKER = Path(__file__).resolve().parent / "save_worker.py"
 
-class Server:
-    endpoint_url = {endpoint!r}
 
-single_process_env()
-engine = init_engine(1, {{"keep_last": 1, "replicate": replicate_options({url!r}, Server, part_size=5 << 20,
-                                                                          concurrency=1)}}, width={width})
-train(engine, 1)
-engine.save_checkpoint({save_dir!r})
-open({ready!r}, "w").close()
-import time
-time.sleep(600)
-"""
+def save_in_a_child(tmp_path, server, freeze: bool = False, ready=None, **replicate):
+    """``save_worker.py`` in a child process (started; waited for when ``ready`` is None)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, str(SAVE_WORKER), str(tmp_path / "ckpt"), server.url, server.endpoint_url, str(WIDTH),
+               json.dumps(replicate), str(server.pid if freeze else 0)] + ([str(ready)] if ready else [])
+    if ready is None:
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def test_a_training_process_killed_mid_upload_leaves_no_complete_looking_tag_and_the_next_run_cleans_it(
         tmp_path, server):
     ready = tmp_path / "saved"
-    script = KILLED_WORKER.format(repo=str(REPO), endpoint=server.endpoint_url, url=server.url, width=WIDTH,
-                                  save_dir=str(tmp_path / "ckpt"), ready=str(ready))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    child = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
+    child = save_in_a_child(tmp_path, server, ready=ready, part_size=5 << 20, concurrency=1)
     store = store_of(server.url, server)
     try:
         deadline = time.monotonic() + 240
@@ -168,3 +159,22 @@ def test_a_training_process_killed_mid_upload_leaves_no_complete_looking_tag_and
     bucket = server.url.split("/")[2]
     assert server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     engine.destroy()
+
+
+@pytest.mark.parametrize("server_up", [True, False])
+def test_a_normal_exit_waits_for_the_upload_a_bounded_time_and_says_what_did_not_make_it(tmp_path, server,
+                                                                                          server_up):
+    try:
+        # The child stops a server to hang once its engine exists; it ends right after save_checkpoint returns.
+        result = save_in_a_child(tmp_path, server, freeze=not server_up, wait_timeout_s=3, request_timeout_s=1)
+    finally:
+        if not server_up:
+            server.cont()
+    assert result.returncode == 0, result.stderr[-3000:]
+    catalog = read_catalog(store_of(server.url, server))
+    if server_up:
+        assert sorted(catalog.complete) == ["global_step1"] and catalog.latest == "global_step1"
+        assert "not replicated" not in result.stderr
+    else:  # a hung server: the exit gave up after wait_timeout_s and said so; nothing looks complete remotely
+        assert catalog.complete == {}
+        assert "'global_step1' not replicated to " in result.stderr, result.stderr[-3000:]

@@ -106,13 +106,18 @@ def test_the_newest_of_either_tier_resumes(tmp_path, remote_url, seaweed):
     resumed.destroy()
 
 
-def test_a_damaged_remote_file_is_refused_and_nothing_is_committed_locally(tmp_path, remote_url, seaweed):
+def replicated_once(save_dir, remote_url, seaweed):
+    """Saves global_step1 into ``save_dir``, replicated; returns the store."""
     engine = saver(remote_url, seaweed)
     train(engine, 1)
-    engine.save_checkpoint(tmp_path / "ckpt")
+    engine.save_checkpoint(save_dir)
     ds_fastckpt.wait_all()
     engine.destroy()
-    store = store_of(remote_url, seaweed)
+    return store_of(remote_url, seaweed)
+
+
+def test_a_damaged_remote_file_is_refused_and_nothing_is_committed_locally(tmp_path, remote_url, seaweed):
+    store = replicated_once(tmp_path / "ckpt", remote_url, seaweed)
     key = "global_step1/mp_rank_00_model_states.pt"
     data = bytearray(remote_bytes(store, key))
     data[len(data) // 2] ^= 0xFF  # same size, one flipped bit
@@ -127,12 +132,7 @@ def test_a_damaged_remote_file_is_refused_and_nothing_is_committed_locally(tmp_p
 
 
 def test_a_hostile_remote_manifest_is_not_resumed_from(tmp_path, remote_url, seaweed):
-    engine = saver(remote_url, seaweed)
-    train(engine, 1)
-    engine.save_checkpoint(tmp_path / "ckpt")
-    ds_fastckpt.wait_all()
-    engine.destroy()
-    store = store_of(remote_url, seaweed)
+    store = replicated_once(tmp_path / "ckpt", remote_url, seaweed)
     manifest = json.loads(remote_bytes(store, f"global_step1/{MANIFEST_NAME}"))
     manifest["files"][0]["path"] = "../../escape.pt"
     store.put_bytes(f"global_step1/{MANIFEST_NAME}", json.dumps(manifest).encode())
@@ -183,6 +183,14 @@ def test_an_unreachable_store_fails_initialize_naming_url_and_endpoint_never_the
     assert "very-secret-value-42" not in str(raised.value)
     with pytest.raises(ConfigError, match="nobucket"):
         init_engine(1, {"replicate": replicate_options("s3://nobucket-at-all/run", seaweed)})
+    for name, value in seaweed.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = seaweed.make_bucket("credentials-refused")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value-42")  # the right key id, a wrong secret
+    with pytest.raises(ConfigError) as raised:
+        init_engine(1, {"replicate": replicate_options(f"s3://{bucket}/run", seaweed)})
+    assert f"s3://{bucket}/run" in str(raised.value) and seaweed.endpoint_url in str(raised.value)
+    assert "very-secret-value-42" not in str(raised.value) and seaweed.secret_key not in str(raised.value)
 
 
 def test_wait_all_waits_for_replication_and_a_later_save_never_blocks_on_it(tmp_path, remote_url, seaweed, caplog):
