@@ -10,7 +10,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ds_fastckpt.cli.output import say
-from ds_fastckpt.cli.remote_target import RemoteTier, close_store
+from ds_fastckpt.cli.remote_target import RemoteTier
 from ds_fastckpt.cli.table import print_table
 from ds_fastckpt.decisions.retention import RetentionPolicy
 from ds_fastckpt.format.manifest import Manifest
@@ -101,7 +101,7 @@ def replicated_marks(tier: RemoteTier, manifests: Sequence[Optional[Manifest]]
         try:
             catalog = read_catalog(store)
         finally:
-            close_store(store)
+            store.close()
     except RemoteError as error:  # the column is a hint: the listing of save_dir goes on without it
         return [None if manifest is not None else False for manifest in manifests], [], str(error)
     local = {manifest.tag for manifest in manifests if manifest is not None}
@@ -116,7 +116,7 @@ def run(args, tier: RemoteTier, policy: RetentionPolicy) -> int:
         catalog = read_catalog(store)
         rows = remote_rows(store, catalog, policy)
     finally:
-        close_store(store)
+        store.close()
     if args.json:
         say(json.dumps(rows, indent=1))
         return 0

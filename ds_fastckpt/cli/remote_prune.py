@@ -11,7 +11,7 @@ and files look the same as an interrupted upload's until its manifest lands.
 import time
 
 from ds_fastckpt.cli.output import say
-from ds_fastckpt.cli.remote_target import RemoteTier, close_store
+from ds_fastckpt.cli.remote_target import RemoteTier
 from ds_fastckpt.cli.table import age_text
 from ds_fastckpt.decisions.retention import RetentionPolicy
 from ds_fastckpt.remote.catalog import read_catalog
@@ -38,7 +38,7 @@ def run(args, tier: RemoteTier, policy: RetentionPolicy) -> int:
                 delete_remote(store, catalog, [tag] if tag in choice.doomed else [], [tag] if tag in leftovers else [])
             say(f"{'would delete' if args.dry_run else 'deleted'} {tier.url.rstrip('/')}/{tag}")
     finally:
-        close_store(store)
+        store.close()
     if not choice.doomed and not leftovers:
         say("nothing to delete")
     return 0

@@ -54,13 +54,6 @@ class RemoteTier:
                           concurrency=options.concurrency, request_timeout_s=options.request_timeout_s)
 
 
-def close_store(store: ObjectStore) -> None:
-    """Stops a store's transfer threads where it has them (an S3 store), so the command exits promptly."""
-    close = getattr(store, "close", None)
-    if close is not None:
-        close()
-
-
 def tier_of_save_dir(save_dir: Path, remote: Optional[str], endpoint_url: Optional[str]) -> Optional[RemoteTier]:
     """The tier ``ls SAVE_DIR`` compares with: ``--remote``, else save_dir's note; None when neither names one.
 

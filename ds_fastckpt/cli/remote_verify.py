@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List
 
 from ds_fastckpt.cli.output import say
-from ds_fastckpt.cli.remote_target import RemoteTier, close_store
+from ds_fastckpt.cli.remote_target import RemoteTier
 from ds_fastckpt.cli.verify import Progress
 from ds_fastckpt.format.manifest import FileRecord, Manifest
 from ds_fastckpt.format.names import MANIFEST_NAME
@@ -66,7 +66,7 @@ def run(args, tier: RemoteTier) -> int:
         finally:
             progress.close()
     finally:
-        close_store(store)
+        store.close()
     for line in problems:
         say(line)
     if not targets and not problems:

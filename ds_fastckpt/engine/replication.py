@@ -219,9 +219,13 @@ class Replication:
         return left
 
     def close(self) -> None:
+        """Stops uploading; the store's threads stop too unless an upload still uses them (they are daemons)."""
+        idle = not self.unfinished()
         self.uploader.close()
         if self.committer is not None:
             self.committer.close()
+        if idle:
+            self.store.close()
 
 
 def remote_records_of(files: Sequence[Union[FileRecord, FileShare]], node_local: bool) -> List[FileRecord]:

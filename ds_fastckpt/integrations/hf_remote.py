@@ -85,20 +85,27 @@ def _restore_if_newer(folder: Path, local: Optional[str]):
     local_step = int(Path(local).name[len(CHECKPOINT_PREFIX):]) if local is not None else -1
     try:
         store = open_checked_store(_replicate)
-        choice = read_catalog(store).resume_choice()
-    except (ConfigError, RemoteError) as error:
+    except ConfigError as error:
         logger.warning("resuming from the local tier only: %s", error)
         return local
-    if choice is None or choice[1].step is None or choice[1].step <= local_step:
-        return local
-    tag, manifest = choice
-    target = folder / f"{CHECKPOINT_PREFIX}{manifest.step}"
-    restore_alone(store, target, tag, manifest)
-    for record in manifest.client_files:
-        _restore_client_file(store, tag, record, target)
-    logger.warning("resuming from %s, restored from %s: it is newer than %s", target, store.describe(),
-                   local or f"anything in {folder}")
-    return str(target)
+    try:
+        try:
+            choice = read_catalog(store).resume_choice()
+        except RemoteError as error:
+            logger.warning("resuming from the local tier only: %s", error)
+            return local
+        if choice is None or choice[1].step is None or choice[1].step <= local_step:
+            return local
+        tag, manifest = choice
+        target = folder / f"{CHECKPOINT_PREFIX}{manifest.step}"
+        restore_alone(store, target, tag, manifest)
+        for record in manifest.client_files:
+            _restore_client_file(store, tag, record, target)
+        logger.warning("resuming from %s, restored from %s: it is newer than %s", target, store.describe(),
+                       local or f"anything in {folder}")
+        return str(target)
+    finally:
+        store.close()
 
 
 def _restore_client_file(store, tag: str, record, target: Path) -> None:

@@ -126,6 +126,9 @@ class ObjectStore(abc.ABC):
     def delete(self, keys: Iterable[str]) -> None:
         """Deletes these objects; a key with nothing there is no error."""
 
+    def close(self) -> None:
+        """Stops the store's transfer threads once the transfers running end; the store is not used afterwards."""
+
     @abc.abstractmethod
     def abort_uploads(self, prefix: str) -> int:
         """Aborts the unfinished (multipart) uploads whose key starts with ``prefix``; returns how many.
