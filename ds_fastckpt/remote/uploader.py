@@ -78,6 +78,11 @@ class UploadJob:
             self.close()
             raise
 
+    def files(self) -> List[Path]:
+        """Where the files to upload are (or were: a file open here may have been deleted since)."""
+        return [self.tag_dir / record.path for record in self.records] + [self.client_dir / name
+                                                                        for name in self.client]
+
     def source(self, path: str) -> Path:
         """Where the upload reads ``path``: its descriptor, which outlives a deletion of the file."""
         return Path(f"/proc/self/fd/{self.opened[path]}")
@@ -149,8 +154,8 @@ class Uploader:
         return {job.tag for job in self._jobs()}
 
     def reading(self) -> List[Path]:
-        """The checkpoint directories whose files this rank holds open to upload: not leaks."""
-        return [path for job in self._jobs() for path in filter(None, (job.tag_dir, job.client_dir))]
+        """The files this rank holds open to upload: not leaks (the fd audit leaves them out, and only them)."""
+        return [path for job in self._jobs() for path in job.files()]
 
     def unfinished(self) -> List[str]:
         """Tags still waiting or uploading, oldest first."""
