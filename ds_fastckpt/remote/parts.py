@@ -22,6 +22,7 @@ T = TypeVar("T")
 # Flags of a file a download creates: never an existing file, never through a symlink, never inherited by a child.
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 NEW_FILE_MODE = 0o644
+WRITE_SLICE = 256 << 10  # bytes per pwrite of a downloaded part (see write_part)
 
 
 def part_ranges(size: int, part_size: int) -> List[Tuple[int, int]]:
@@ -135,12 +136,16 @@ def read_part(fd: int, offset: int, length: int, path: Union[str, Path]) -> byte
 
 
 def write_part(fd: int, data: Union[bytes, memoryview], offset: int, path: Union[str, Path]) -> None:
-    """All of ``data`` at ``offset``, however many writes the kernel takes."""
+    """All of ``data`` at ``offset``, in writes of at most ``WRITE_SLICE`` bytes.
+
+    One 16 MiB ``pwrite`` per part spent 2-4 s of kernel time per GiB copying into the page cache in half the
+    rounds of benchmarks/bench_replicate.py on the development VM; 256 KiB writes of the same part never did.
+    """
     view = memoryview(data)
     done = 0
     while done < len(view):
         with naming(path, f"writing {len(view)} bytes at offset {offset}"):
-            done += os.pwrite(fd, view[done:], offset + done)
+            done += os.pwrite(fd, view[done:done + WRITE_SLICE], offset + done)
 
 
 def create_new_file(path: Union[str, Path]) -> int:
