@@ -25,8 +25,8 @@ from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 from ds_fastckpt.format.manifest import check_relative_path
 from ds_fastckpt.remote.fs_paths import READ_FLAGS, about, open_dir, refusal
 from ds_fastckpt.remote.parts import (NEW_FILE_FLAGS, NEW_FILE_MODE, PartPool, check_transfer, combine_crcs,
-                                      crc32c_of, create_new_file, naming, open_to_upload, part_ranges, read_part,
-                                      remove_quietly, run_parts, write_part)
+                                      crc32c_of, downloading_to, naming, open_to_upload, part_ranges, read_part,
+                                      run_parts, write_part)
 from ds_fastckpt.remote.store import (ObjectStore, RemoteIntegrityError, RemoteObject, RemoteObjectTooLargeError,
                                       RemoteUnavailableError)
 
@@ -202,20 +202,10 @@ class FsStore(ObjectStore):
                 if stored_size != size:
                     raise RemoteIntegrityError(f"download of {key!r} ({local_path}): the manifest records {size} "
                                                f"bytes, the object has {stored_size}")
-                fd = create_new_file(local_path)
-                try:
-                    try:
-                        parts = self._copy_parts((source, self._path(key)), (fd, str(local_path)), "download", key,
-                                                 size)
-                        check_transfer("download", key, local_path, expected_size=size, expected_crc=crc32c,
-                                       got_size=sum(length for _, length in parts), got_crc=combine_crcs(parts))
-                        with naming(local_path, "fsync"):
-                            os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                except BaseException:
-                    remove_quietly(local_path)
-                    raise
+                with downloading_to(local_path) as fd:
+                    parts = self._copy_parts((source, self._path(key)), (fd, str(local_path)), "download", key, size)
+                    check_transfer("download", key, local_path, expected_size=size, expected_crc=crc32c,
+                                   got_size=sum(length for _, length in parts), got_crc=combine_crcs(parts))
             finally:
                 os.close(source)
 

@@ -148,6 +148,23 @@ def write_part(fd: int, data: Union[bytes, memoryview], offset: int, path: Union
             done += os.pwrite(fd, view[done:done + WRITE_SLICE], offset + done)
 
 
+@contextlib.contextmanager
+def downloading_to(local_path: Union[str, Path]) -> Iterator[int]:
+    """A new file at ``local_path`` (``create_new_file``) for a download: fsynced when the block ends, closed
+    either way, and removed when the block raises."""
+    fd = create_new_file(local_path)
+    try:
+        try:
+            yield fd
+            with naming(local_path, "fsync"):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        remove_quietly(local_path)
+        raise
+
+
 def create_new_file(path: Union[str, Path]) -> int:
     """A descriptor of a new, empty file at ``path``, opened for writing.
 

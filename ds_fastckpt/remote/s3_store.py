@@ -23,8 +23,8 @@ import botocore.config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ds_fastckpt.format.manifest import check_relative_path
-from ds_fastckpt.remote.parts import (PartPool, check_transfer, combine_crcs, crc32c_of, create_new_file, naming,
-                                      open_to_upload, part_ranges, read_part, remove_quietly, run_parts, write_part)
+from ds_fastckpt.remote.parts import (PartPool, check_transfer, combine_crcs, crc32c_of, downloading_to, naming,
+                                      open_to_upload, part_ranges, read_part, run_parts, write_part)
 from ds_fastckpt.remote.s3_errors import is_not_found, is_precondition_failed, mapped_errors
 from ds_fastckpt.remote.store import (ObjectStore, RemoteError, RemoteIntegrityError, RemoteObject,
                                       RemoteObjectTooLargeError, RemoteUnavailableError)
@@ -205,19 +205,10 @@ class S3Store(ObjectStore):
             same_object = {"IfMatch": head["ETag"]}
             if head.get("VersionId"):
                 same_object["VersionId"] = head["VersionId"]
-            fd = create_new_file(local_path)
-            try:
-                try:
-                    with naming(local_path, f"extending to {size} bytes"):
-                        os.ftruncate(fd, size)
-                    self._get_in_parts(fd, local_path, key, full_key, size, crc32c, same_object)
-                    with naming(local_path, "fsync"):
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except BaseException:
-                remove_quietly(local_path)
-                raise
+            with downloading_to(local_path) as fd:
+                with naming(local_path, f"extending to {size} bytes"):
+                    os.ftruncate(fd, size)
+                self._get_in_parts(fd, local_path, key, full_key, size, crc32c, same_object)
 
     def _get_in_parts(self, fd: int, local_path: Path, key: str, full_key: str, size: int, expected_crc: int,
                       same_object: Dict[str, str]) -> None:
