@@ -23,6 +23,15 @@ constexpr int kOverwriteFlags = O_WRONLY | O_CREAT;
 constexpr int kSharedFlags = O_WRONLY;  // its maker created and sized it; a missing file is an error
 constexpr mode_t kCreateMode = 0666;  // narrowed by the umask, like open() in Python
 
+// Queue tags: 0 and 1 are the staging halves; bytes written from the caller's
+// memory are drained at close() or, when the caller waits for them, at once.
+constexpr int kHeldTag = 2;
+constexpr int kWaitedTag = 3;
+
+// Below this many whole blocks a source is copied: the staging flush and the
+// extra requests a direct write costs outweigh copying so few bytes.
+constexpr std::size_t kMinInPlaceBytes = 64 * 1024;
+
 void check_options(const WriterOptions& options, const std::string& path) {
   if (options.block_size == 0 || options.block_size % kDirectAlignment != 0) {
     const std::string alignment = std::to_string(kDirectAlignment);
@@ -101,6 +110,7 @@ AioWriter::AioWriter(std::string path, std::uint8_t* staging, std::size_t half_b
   OpenedFile file = open_direct_or_buffered(path_, flags, kCreateMode);
   fd_ = std::move(file.fd);
   direct_ = file.direct;
+  memory_alignment_ = direct_memory_alignment(fd_.get(), direct_);
   if (existing != ExistingFile::kTruncate) {  // the file's size is already set; close() truncates as needed
     struct stat st;
     check_syscall("fstat", path_, [&] { return ::fstat(fd_.get(), &st); });
@@ -119,9 +129,6 @@ void AioWriter::queue_active_half(std::size_t padded_bytes) {
   // A kShared file is never grown ahead: a size set here could cut into another writer's range at close().
   if (existing_ != ExistingFile::kShared) reserve_size(fd_.get(), path_, half_offset_ + padded_bytes, reserved_);
   queue_chunks(*queue_, active_, halves_[active_], padded_bytes, half_offset_, options_.block_size);
-  // Hashed here, while the half's writes are in flight: the queue's thread then
-  // never leaves a freed slot empty while it hashes. Padding is not hashed.
-  checksum_ = crc32c_extend(checksum_, halves_[active_], fill_);
   half_offset_ += padded_bytes;
   fill_ = 0;
 }
@@ -139,7 +146,8 @@ void AioWriter::write(const std::uint8_t* data, std::size_t size) {
 void AioWriter::copy_and_queue(const std::uint8_t* data, std::size_t size) {
   while (size > 0) {
     const std::size_t n = std::min(size, half_bytes_ - fill_);
-    std::memcpy(halves_[active_] + fill_, data, n);
+    // Hashed as it is copied; the queue's thread only submits and reaps, so a freed slot is refilled at once.
+    checksum_ = crc32c_copy(checksum_, halves_[active_] + fill_, data, n);
     fill_ += n;
     accepted_ += n;
     data += n;
@@ -151,6 +159,53 @@ void AioWriter::copy_and_queue(const std::uint8_t* data, std::size_t size) {
       queue_->drain(active_);
     }
   }
+}
+
+void AioWriter::write_in_place(const std::uint8_t* data, std::size_t size, bool until_written) {
+  require_open("write");
+  try {
+    // Congruent: once the position reaches a block boundary, so does the address, to memory_alignment_.
+    const bool congruent = reinterpret_cast<std::uintptr_t>(data) % memory_alignment_ == accepted_ % memory_alignment_;
+    const std::size_t head = (kDirectAlignment - accepted_ % kDirectAlignment) % kDirectAlignment;
+    if (!congruent || size < head || size - head < kMinInPlaceBytes) {
+      copy_and_queue(data, size);
+      return;
+    }
+    copy_and_queue(data, head);
+    const std::size_t body = (size - head) / kDirectAlignment * kDirectAlignment;
+    queue_staged_blocks();
+    queue_in_place(data + head, body, until_written);
+    copy_and_queue(data + head + body, size - head - body);
+  } catch (...) {
+    abort();
+    throw;
+  }
+}
+
+// Sends what is staged (whole blocks: the position is at a block boundary) so
+// that bytes from elsewhere can follow it in the file.
+void AioWriter::queue_staged_blocks() {
+  if (fill_ == 0) return;
+  queue_active_half(fill_);
+  active_ ^= 1;
+  queue_->drain(active_);
+}
+
+void AioWriter::queue_in_place(const std::uint8_t* data, std::size_t size, bool until_written) {
+  if (existing_ != ExistingFile::kShared) reserve_size(fd_.get(), path_, half_offset_ + size, reserved_);
+  const int tag = until_written ? kWaitedTag : kHeldTag;
+  // Each chunk is hashed right after it is queued: the disk writes the first
+  // chunks while this thread hashes the later ones.
+  for (std::size_t done = 0; done < size;) {
+    const std::size_t len = std::min(options_.block_size, size - done);
+    queue_->enqueue(tag, data + done, len, half_offset_ + done);
+    checksum_ = crc32c_extend(checksum_, data + done, len);
+    done += len;
+  }
+  half_offset_ += size;
+  accepted_ += size;
+  in_place_ += size;
+  if (until_written) queue_->drain(tag);
 }
 
 void AioWriter::end_segment() {
@@ -171,11 +226,7 @@ void AioWriter::skip(std::uint64_t size) {
     }
     std::uint64_t end;
     if (__builtin_add_overflow(accepted_, size, &end)) throw_io_error(EFBIG, "skip", path_);
-    if (fill_ > 0) {  // a whole number of blocks, as the position is aligned
-      queue_active_half(fill_);
-      active_ ^= 1;
-      queue_->drain(active_);
-    }
+    queue_staged_blocks();
     end_segment();
     half_offset_ = end;
     accepted_ = end;

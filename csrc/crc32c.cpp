@@ -52,6 +52,7 @@ std::uint32_t join_stripes(std::uint32_t first, std::uint32_t second, std::uint3
 namespace {
 
 using Update = std::uint32_t (*)(std::uint32_t, const std::uint8_t*, std::size_t) noexcept;
+using Copy = std::uint32_t (*)(std::uint32_t, std::uint8_t*, const std::uint8_t*, std::size_t) noexcept;
 
 std::vector<Crc32cPath> detect_paths() {
   std::vector<Crc32cPath> paths;
@@ -87,6 +88,36 @@ Update update_of(Crc32cPath path) noexcept {
   return nullptr;
 }
 
+// The fused copy of `path` in this build, or nullptr, as update_of().
+Copy copy_of(Crc32cPath path) noexcept {
+  switch (path) {
+    case Crc32cPath::kPortable:
+      return &crc32c_impl::copy_portable;
+    case Crc32cPath::kSse42:
+#if DS_FASTCKPT_CRC32C_SSE42
+      return &crc32c_impl::copy_sse42;
+#else
+      return nullptr;
+#endif
+    case Crc32cPath::kArmv8:
+#if DS_FASTCKPT_CRC32C_ARMV8
+      return &crc32c_impl::copy_armv8;
+#else
+      return nullptr;
+#endif
+  }
+  return nullptr;
+}
+
+// Throws std::invalid_argument unless this CPU and build run `path`.
+void require_runnable(Crc32cPath path) {
+  for (const Crc32cPath runnable : crc32c_paths()) {
+    if (runnable == path) return;
+  }
+  throw std::invalid_argument(std::string("CRC-32C path '") + crc32c_path_name(path) +
+                              "' cannot run on this CPU or build");
+}
+
 }  // namespace
 
 const char* crc32c_path_name(Crc32cPath path) noexcept {
@@ -111,17 +142,25 @@ std::uint32_t crc32c_extend(std::uint32_t crc, const std::uint8_t* data, std::si
   return ~fastest(~crc, data, size);
 }
 
+std::uint32_t crc32c_copy(std::uint32_t crc, std::uint8_t* dst, const std::uint8_t* src, std::size_t size) {
+  static const Copy fastest = copy_of(crc32c_paths().front());
+  return ~fastest(~crc, dst, src, size);
+}
+
 std::uint32_t crc32c_combine(std::uint32_t crc_a, std::uint32_t crc_b, std::uint64_t size_b) noexcept {
   // The complements taken at each end cancel out: only a's register moves on over b's length.
   return crc32c_impl::shift_state(crc_a, size_b) ^ crc_b;
 }
 
 std::uint32_t crc32c_extend_with(Crc32cPath path, std::uint32_t crc, const std::uint8_t* data, std::size_t size) {
-  for (const Crc32cPath runnable : crc32c_paths()) {
-    if (runnable == path) return ~update_of(path)(~crc, data, size);
-  }
-  throw std::invalid_argument(std::string("CRC-32C path '") + crc32c_path_name(path) +
-                              "' cannot run on this CPU or build");
+  require_runnable(path);
+  return ~update_of(path)(~crc, data, size);
+}
+
+std::uint32_t crc32c_copy_with(Crc32cPath path, std::uint32_t crc, std::uint8_t* dst, const std::uint8_t* src,
+                               std::size_t size) {
+  require_runnable(path);
+  return ~copy_of(path)(~crc, dst, src, size);
 }
 
 }  // namespace ds_fastckpt

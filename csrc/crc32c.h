@@ -13,6 +13,11 @@ namespace ds_fastckpt {
 // so files written on one host verify on another.
 std::uint32_t crc32c_extend(std::uint32_t crc, const std::uint8_t* data, std::size_t size);
 
+// Copies [src, src + size) to dst (the two must not overlap) and returns
+// crc32c_extend(crc, src, size), reading the source once: what the writer
+// copies into staging is hashed on the way, not read again.
+std::uint32_t crc32c_copy(std::uint32_t crc, std::uint8_t* dst, const std::uint8_t* src, std::size_t size);
+
 // The CRC-32C of a followed by b, from crc_a = CRC of a, crc_b = CRC of b and
 // size_b = b's length, without reading either: CRC ranges computed apart (by
 // several threads or ranks) combine exactly. O(log size_b).
@@ -36,5 +41,9 @@ const std::vector<Crc32cPath>& crc32c_paths();
 // crc32c_extend() on one given path. Throws std::invalid_argument for a path
 // this build or CPU cannot run.
 std::uint32_t crc32c_extend_with(Crc32cPath path, std::uint32_t crc, const std::uint8_t* data, std::size_t size);
+
+// crc32c_copy() on one given path; throws like crc32c_extend_with().
+std::uint32_t crc32c_copy_with(Crc32cPath path, std::uint32_t crc, std::uint8_t* dst, const std::uint8_t* src,
+                               std::size_t size);
 
 }  // namespace ds_fastckpt

@@ -37,6 +37,12 @@ inline std::uint64_t load_word(const std::uint8_t* data) noexcept {
   return word;
 }
 
+inline std::uint64_t copy_word(std::uint8_t* dst, const std::uint8_t* src) noexcept {
+  const std::uint64_t word = load_word(src);
+  std::memcpy(dst, &word, sizeof(word));
+  return word;
+}
+
 }  // namespace
 
 DS_FASTCKPT_TARGET_CRC std::uint32_t update_armv8(std::uint32_t state, const std::uint8_t* data,
@@ -52,6 +58,22 @@ DS_FASTCKPT_TARGET_CRC std::uint32_t update_armv8(std::uint32_t state, const std
   }
   for (; size >= 8; size -= 8, data += 8) state = __crc32cd(state, load_word(data));
   for (; size > 0; --size, ++data) state = __crc32cb(state, *data);
+  return state;
+}
+
+DS_FASTCKPT_TARGET_CRC std::uint32_t copy_armv8(std::uint32_t state, std::uint8_t* dst, const std::uint8_t* src,
+                                                std::size_t size) noexcept {
+  for (; size >= 3 * kStripe; size -= 3 * kStripe, src += 3 * kStripe, dst += 3 * kStripe) {
+    std::uint32_t first = state, second = 0, third = 0;
+    for (std::size_t i = 0; i < kStripe; i += 8) {
+      first = __crc32cd(first, copy_word(dst + i, src + i));
+      second = __crc32cd(second, copy_word(dst + kStripe + i, src + kStripe + i));
+      third = __crc32cd(third, copy_word(dst + 2 * kStripe + i, src + 2 * kStripe + i));
+    }
+    state = join_stripes(first, second, third);
+  }
+  for (; size >= 8; size -= 8, src += 8, dst += 8) state = __crc32cd(state, copy_word(dst, src));
+  for (; size > 0; --size, ++src, ++dst) state = __crc32cb(state, *dst = *src);
   return state;
 }
 

@@ -49,14 +49,21 @@ std::uint32_t join_stripes(std::uint32_t first, std::uint32_t second, std::uint3
 
 std::uint32_t update_portable(std::uint32_t state, const std::uint8_t* data, std::size_t size) noexcept;
 
+// Each copy_* function copies [src, src + size) to dst (not overlapping) and
+// advances `state` over the same bytes as update_* does, reading each source
+// byte once: a copy that is also hashed costs one pass over memory, not two.
+std::uint32_t copy_portable(std::uint32_t state, std::uint8_t* dst, const std::uint8_t* src, std::size_t size) noexcept;
+
 #if DS_FASTCKPT_CRC32C_SSE42
 bool cpu_has_sse42() noexcept;
 std::uint32_t update_sse42(std::uint32_t state, const std::uint8_t* data, std::size_t size) noexcept;
+std::uint32_t copy_sse42(std::uint32_t state, std::uint8_t* dst, const std::uint8_t* src, std::size_t size) noexcept;
 #endif
 
 #if DS_FASTCKPT_CRC32C_ARMV8
 bool cpu_has_armv8_crc32() noexcept;
 std::uint32_t update_armv8(std::uint32_t state, const std::uint8_t* data, std::size_t size) noexcept;
+std::uint32_t copy_armv8(std::uint32_t state, std::uint8_t* dst, const std::uint8_t* src, std::size_t size) noexcept;
 #endif
 
 }  // namespace crc32c_impl

@@ -1,6 +1,7 @@
 #include "direct_io.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 
 #include <cerrno>
 
@@ -8,6 +9,19 @@
 #include "io_error.h"
 
 namespace ds_fastckpt {
+
+std::size_t direct_memory_alignment(int fd, bool direct) {
+  if (!direct) return 1;
+#ifdef STATX_DIOALIGN
+  struct statx st {};
+  if (::statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &st) == 0 && (st.stx_mask & STATX_DIOALIGN) != 0 &&
+      st.stx_dio_mem_align != 0 && st.stx_dio_offset_align != 0 && kDirectAlignment % st.stx_dio_offset_align == 0 &&
+      kDirectAlignment % st.stx_dio_mem_align == 0) {
+    return st.stx_dio_mem_align;
+  }
+#endif
+  return kDirectAlignment;
+}
 
 OpenedFile open_direct_or_buffered(const std::string& path, int flags, mode_t mode) {
   flags |= O_CLOEXEC;

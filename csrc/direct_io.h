@@ -28,6 +28,14 @@ struct OpenedFile {
   bool direct;  // false where the filesystem refused O_DIRECT and the descriptor is buffered
 };
 
+// The alignment O_DIRECT needs of the memory a write of `fd` comes from:
+// what the kernel reports through statx(STATX_DIOALIGN) (512 on a virtio disk,
+// often 4 on NVMe), 1 for a buffered descriptor (`direct` false), and
+// kDirectAlignment where statx cannot say (kernels before 6.1, filesystems
+// that do not report it) or reports an offset alignment kDirectAlignment is
+// not a multiple of.
+std::size_t direct_memory_alignment(int fd, bool direct);
+
 // Opens `path` with `flags | O_DIRECT | O_CLOEXEC` (`mode` applies with
 // O_CREAT). A filesystem that refuses O_DIRECT (EINVAL: tmpfs before Linux
 // 6.6, some FUSE and network filesystems) gets a buffered descriptor instead.

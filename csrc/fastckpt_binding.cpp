@@ -140,6 +140,20 @@ class PyAioWriter {
     writer_->write(bytes, size);
   }
 
+  // The caller keeps `data` alive and unchanged until close() or abort()
+  // returns, unless `until_written` (AioFileWriter.write_in_place holds it).
+  void write_in_place(const py::buffer& data, bool until_written) {
+    py::buffer_info info = data.request();
+    if (!PyBuffer_IsContiguous(info.view(), 'C')) {
+      throw py::value_error("write_in_place() needs a C-contiguous buffer");
+    }
+    const auto* bytes = static_cast<const std::uint8_t*>(info.ptr);
+    const auto size = static_cast<std::size_t>(info.size) * static_cast<std::size_t>(info.itemsize);
+    ExclusiveCall call(mutex_, running_, "AioWriter", "write_in_place");
+    py::gil_scoped_release release;
+    writer_->write_in_place(bytes, size, until_written);
+  }
+
   void close() {
     ExclusiveCall call(mutex_, running_, "AioWriter", "close");
     py::gil_scoped_release release;
@@ -161,6 +175,10 @@ class PyAioWriter {
     ExclusiveCall call(mutex_, running_, "AioWriter", "bytes_written");
     return writer_->bytes_written();
   }
+  std::uint64_t bytes_in_place() {
+    ExclusiveCall call(mutex_, running_, "AioWriter", "bytes_in_place");
+    return writer_->bytes_in_place();
+  }
   std::uint32_t checksum() {
     ExclusiveCall call(mutex_, running_, "AioWriter", "checksum");
     return writer_->checksum();
@@ -177,6 +195,7 @@ class PyAioWriter {
     return writer_->is_open();
   }
   bool is_direct() const { return writer_->is_direct(); }  // fixed when the file is opened
+  std::size_t memory_alignment() const { return writer_->memory_alignment(); }  // likewise
 
  private:
   torch::Tensor staging_;
@@ -250,6 +269,27 @@ std::uint32_t crc32c_of_buffer(const py::buffer& data, std::uint32_t crc, const 
 
 std::uint32_t crc32c(const py::buffer& data, std::uint32_t crc) { return crc32c_of_buffer(data, crc, nullptr); }
 
+// Test hook: copies `source` into `destination` (same length, C-contiguous) by the named path's fused copy.
+std::uint32_t crc32c_copy_named(const std::string& name, const py::buffer& destination, const py::buffer& source,
+                                std::uint32_t crc) {
+  py::buffer_info to = destination.request(true);
+  py::buffer_info from = source.request();
+  if (!PyBuffer_IsContiguous(to.view(), 'C') || !PyBuffer_IsContiguous(from.view(), 'C')) {
+    throw py::value_error("_crc32c_copy_with() needs C-contiguous buffers");
+  }
+  const auto size = static_cast<std::size_t>(from.size) * static_cast<std::size_t>(from.itemsize);
+  if (static_cast<std::size_t>(to.size) * static_cast<std::size_t>(to.itemsize) != size) {
+    throw py::value_error("_crc32c_copy_with() needs a destination as long as the source");
+  }
+  for (const Crc32cPath path : crc32c_paths()) {
+    if (name != crc32c_path_name(path)) continue;
+    py::gil_scoped_release release;
+    return crc32c_copy_with(path, crc, static_cast<std::uint8_t*>(to.ptr), static_cast<const std::uint8_t*>(from.ptr),
+                            size);
+  }
+  throw py::value_error("path='" + name + "' is not allowed: see _crc32c_paths()");
+}
+
 std::vector<std::string> crc32c_path_names() {
   std::vector<std::string> names;
   for (const Crc32cPath path : crc32c_paths()) names.emplace_back(crc32c_path_name(path));
@@ -306,11 +346,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(
           "write", [](py::handle self, const py::buffer& data) { as_writer(self).write(data); },
           py::arg("data"))
+      .def(
+          "write_in_place",
+          [](py::handle self, const py::buffer& data, bool until_written) {
+            as_writer(self).write_in_place(data, until_written);
+          },
+          py::arg("data"), py::arg("until_written"))
       .def("close", [](py::handle self) { as_writer(self).close(); })
       .def("abort", [](py::handle self) { as_writer(self).abort(); })
       .def_property_readonly("bytes_written", [](py::handle self) { return as_writer(self).bytes_written(); })
       .def_property_readonly("checksum", [](py::handle self) { return as_writer(self).checksum(); })
+      .def_property_readonly("bytes_in_place",
+                             [](py::handle self) { return as_writer(self).bytes_in_place(); })
       .def_property_readonly("is_direct", [](py::handle self) { return as_writer(self).is_direct(); })
+      .def_property_readonly("memory_alignment",
+                             [](py::handle self) { return as_writer(self).memory_alignment(); })
       .def_property_readonly("is_open", [](py::handle self) { return as_writer(self).is_open(); });
 
   m.def("write_aligned", &ds_fastckpt::write_aligned, py::arg("path"), py::arg("buffer"),
@@ -333,6 +383,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Test hook: the CRC-32C implementations this CPU runs, fastest (the one crc32c() uses) first.");
   m.def("_crc32c_with", &ds_fastckpt::crc32c_with, py::arg("path"), py::arg("data"), py::arg("crc") = 0,
         "Test hook: crc32c() computed by the named implementation, one of _crc32c_paths().");
+  m.def("_crc32c_copy_with", &ds_fastckpt::crc32c_copy_named, py::arg("path"), py::arg("destination"),
+        py::arg("source"), py::arg("crc") = 0,
+        "Test hook: copies source into destination and returns its CRC-32C, by the named fused copy.");
   m.attr("DIRECT_ALIGNMENT") = py::int_(ds_fastckpt::kDirectAlignment);
   m.def("_arm_fault", &ds_fastckpt::faults::arm, py::arg("point"), py::arg("errno"), py::arg("skip"),
         "Test hook: fail hit number skip+1 of a syscall point with errno.");

@@ -187,3 +187,23 @@ def test_writer_checksum_is_the_crc_of_the_bytes_on_disk(tmp_path, direct):
     if not direct:
         assert not writer.is_direct
     assert writer.checksum == op()._crc32c_with("portable", on_disk)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_fused_copy_copies_and_hashes_like_the_reference_on_every_path(path):
+    require_path(path)
+    view = memoryview(RANDOM)
+    for length in [0, *ODD_LENGTHS, *STRIPE_LENGTHS]:
+        for start in (0, 5):
+            source = bytes(view[start:start + length])
+            destination = bytearray(length + 16)
+            target = memoryview(destination)[3:3 + length]  # a misaligned destination too
+            crc = op()._crc32c_copy_with(path, target, source, 0x1234)
+            assert crc == op()._crc32c_with("portable", source, 0x1234), (length, start)
+            assert bytes(target) == source, (length, start)
+            assert destination[:3] == bytes(3) and destination[3 + length:] == bytes(13), "wrote outside its target"
+
+
+def test_fused_copy_refuses_a_destination_of_another_length():
+    with pytest.raises(ValueError, match="a destination as long as the source"):
+        op()._crc32c_copy_with("portable", bytearray(3), b"abcd")
