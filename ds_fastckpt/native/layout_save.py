@@ -35,6 +35,8 @@ from torch.serialization import DEFAULT_PROTOCOL, get_crc32_options
 
 from ds_fastckpt.native.device_copy import DeviceCopier, bytes_of, host_copy_of_bytes, wait_for_host_copies, write_piece
 from ds_fastckpt.native.file_part import FilePart, SnapshotTooLargeError
+from ds_fastckpt.native.writer import MIN_IN_PLACE_BYTES
+from ds_fastckpt.native.zip_padding import repad
 
 
 class LayoutMismatchError(RuntimeError):
@@ -59,14 +61,17 @@ class Layout:
 
     @property
     def storage_bytes(self) -> int:
-        return sum(piece.nbytes() for piece in self.pieces if not isinstance(piece, bytes))
+        return sum(_length(piece) for piece in self.pieces if not isinstance(piece, bytes))
 
     def snapshot(self, limit_bytes: int = 0) -> "Layout":
         """The same layout with every storage copied to host memory now: later changes to the tensors do not show.
 
         Accelerator storages are copied by DMA into pinned memory (torch's
         caching host allocator reuses it across saves); this returns once
-        every copy has landed. CPU storages are copied with memcpy.
+        every copy has landed. CPU storages are copied with memcpy. Each copy
+        lies at an address that agrees with its file offset modulo
+        ``DIRECT_ALIGNMENT``: the file is torch.save's, and O_DIRECT writes
+        every copy from where it lies.
 
         Args:
             limit_bytes: refuse a snapshot of more storage bytes than this; 0 sets no limit.
@@ -77,7 +82,10 @@ class Layout:
         if limit_bytes and self.storage_bytes > limit_bytes:
             raise SnapshotTooLargeError(f"a snapshot of {self.storage_bytes} bytes exceeds the limit of "
                                         f"{limit_bytes} bytes")
-        copies = [piece if isinstance(piece, bytes) else _host_copy(piece) for piece in self.pieces]
+        copies, offset = [], 0
+        for piece in self.pieces:
+            copies.append(piece if isinstance(piece, bytes) else host_copy_of_bytes(bytes_of(piece), offset))
+            offset += _length(piece)
         wait_for_host_copies([piece for piece in self.pieces if not isinstance(piece, bytes)])
         return Layout(copies)
 
@@ -117,8 +125,12 @@ class Layout:
                  device_copiers: Optional[Dict[torch.device, DeviceCopier]] = None) -> None:
         """Writes the file to ``writer``: each storage from its own memory, no serializer copy.
 
+        Each CPU storage's record is first padded so that its bytes lie in the
+        file where O_DIRECT writes them from their own memory (``zip_padding``;
+        a file that needs it is no longer byte for byte torch.save's).
+
         Args:
-            writer: a writable file object (``AioFileWriter``).
+            writer: an ``AioFileWriter``.
             device_copiers: the ``DeviceCopier`` of each accelerator device, kept by the caller to reuse
                 across files (pinning is slow); one is added for a device met without one.
 
@@ -126,8 +138,9 @@ class Layout:
             OSError: from the writer, with errno and path.
         """
         copiers = {} if device_copiers is None else device_copiers
-        for piece in self.pieces:
-            write_piece(piece if isinstance(piece, bytes) else bytes_of(piece), writer, copiers)
+        pieces = repad(self.pieces, writer.memory_alignment, _host_address) or self.pieces
+        for piece in pieces:
+            write_piece(piece if isinstance(piece, (bytes, torch.Tensor)) else bytes_of(piece), writer, copiers)
 
 
 def parameter_storages(state_dict, per_rank: Sequence[torch.Tensor] = ()) -> List[torch.UntypedStorage]:
@@ -299,8 +312,11 @@ def _slice(piece: Union[bytes, torch.UntypedStorage], start: int, end: int) -> U
     return piece[start:end] if isinstance(piece, bytes) else bytes_of(piece)[start:end]
 
 
-def _host_copy(storage: torch.UntypedStorage) -> torch.UntypedStorage:
-    """A host copy of ``storage``: pinned and copied by DMA (asynchronously) for an accelerator storage."""
-    if storage.device.type == "cpu":
-        return storage.clone()
-    return host_copy_of_bytes(bytes_of(storage)).untyped_storage()
+def _host_address(piece) -> Optional[int]:
+    """The address of a storage or tensor in host memory that ``write_in_place`` can write from; None on an
+    accelerator (copied by DMA anyway) and for one it copies anyway (too small), which keeps torch's padding."""
+    if piece.device.type != "cpu" or _length(piece) < MIN_IN_PLACE_BYTES:
+        return None
+    return piece.data_ptr()
+
+

@@ -21,6 +21,7 @@ from ds_fastckpt.native.op import load_op  # noqa: E402
 from ds_fastckpt.native.writer import torch_zip_crc32  # noqa: E402
 from tests.ds_helpers import full_state, init_engine, train  # noqa: E402
 from tests.engine.two_rank_worker import failing_write_on_one_rank  # noqa: E402
+from tests.zip_records import same_records  # noqa: E402
 
 WIDTH = 32768  # model states of about 2.3 MB; each rank's optimizer partition about as much
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -77,7 +78,7 @@ def saves(save_dir: Path, rank: int, mode: str, async_save: bool) -> dict:
         dist.barrier()
         final = save_dir / f"global_step{engine.global_steps}" / MODEL_STATES
         if rank == 0:
-            identical.append(final.read_bytes() == captured[-1])
+            identical.append((final.read_bytes() == captured[-1], same_records(final.read_bytes(), captured[-1])))
         inode = final.stat().st_ino
     saved = full_state(engine)
     engine.destroy()

@@ -1,5 +1,5 @@
 """``parallel_writers`` on 2 ranks (torchrun, gloo on CPU, ZeRO-1): by default both ranks write the
-model-states file together, byte for byte what one writer writes, with the balance of bytes written read from
+model-states file together, byte for byte what torch.save writes (ranks agree on torch's layout), with the balance of bytes written read from
 /proc/self/io; "off" is the control."""
 
 from pathlib import Path
@@ -39,7 +39,11 @@ def test_one_writer_is_unbalanced_in_the_same_run(reports):
 @pytest.mark.parametrize("mode", ["off", "default", "all_async"])
 def test_the_file_is_what_one_writer_writes_and_its_record_matches(reports, mode):
     rank0 = reports[0][0][mode]
-    assert rank0["identical"] == [True, True, True]  # torch.save of the same state, in the same process
+    # (byte for byte, same records) against torch.save of the same state, in the same process. One writer alone pads
+    # each storage's record to its own memory; writers sharing a file keep torch's layout, which every rank knows.
+    assert [same for _, same in rank0["identical"]] == [True, True, True]
+    if mode != "off":
+        assert [identical for identical, _ in rank0["identical"]] == [True, True, True]
     assert rank0["record"]["bytes"] == rank0["size"] > 2_000_000
     assert rank0["record"]["crc32c"] == rank0["crc32c"]  # joined from both ranks' runs, nothing read back
     assert rank0["record"]["rank"] == 0

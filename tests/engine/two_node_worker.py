@@ -40,6 +40,7 @@ def main():
     import ds_fastckpt  # noqa: F401  (the import is the wiring)
     from tests.ds_helpers import ds_config, full_state, make_model, train
     from tests.engine.parallel_worker import WIDTH, capture_single_writer_bytes, same_state, write_bytes
+    from tests.zip_records import same_records
 
     def engine(fast_aio, seed=0):
         config = ds_config(1, fast_aio)
@@ -65,8 +66,10 @@ def main():
         manifest = json.loads((newest / "ds_fastckpt_manifest.json").read_text())
         loader = engine({"verify": "checksum"}, seed=7)
         load_path, _ = loader.load_checkpoint(save_dir)
+        model_states = (newest / "mp_rank_00_model_states.pt").read_bytes()
         return {"written": written, "writes_in_parallel": saver.checkpoint_engine.writes_in_parallel,
-                "identical": (newest / "mp_rank_00_model_states.pt").read_bytes() == captured[-1] if captured else None,
+                "identical": (model_states == captured[-1], same_records(model_states, captured[-1]))
+                if captured else None,
                 "manifest_hosts": sorted({record["host"] for record in manifest["files"]}),
                 "manifest_files": sorted(record["path"] for record in manifest["files"]),
                 "load_path": load_path, "resumed_exactly": same_state(saved, full_state(loader))}

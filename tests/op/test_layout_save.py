@@ -1,4 +1,5 @@
-"""save_layout_first writes exactly torch.save's bytes, and torch.load gives back the same tensors and sharing."""
+"""save_layout_first writes torch.save's archive with each CPU storage's bytes where O_DIRECT writes them from their
+memory, and torch.load gives back the same tensors and sharing."""
 
 import errno
 import io
@@ -14,6 +15,7 @@ from ds_fastckpt.native.layout_save import (Layout, LayoutMismatchError, Snapsho
                                             layout_first_supported, save_layout_first)
 from ds_fastckpt.native.op_builder import FastCkptBuilder
 from ds_fastckpt.native.writer import torch_zip_crc32
+from tests.zip_records import assert_same_records, records
 
 pytestmark = pytest.mark.skipif(not FastCkptBuilder().is_compatible(),
                                 reason="the native op needs libaio (apt-get install libaio-dev)")
@@ -249,29 +251,29 @@ def test_dtype_list_covers_every_dtype_torch_saves():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_every_dtype_is_byte_identical_and_loads_back(ext4_dir, dtype):
+def test_every_dtype_has_torch_save_s_records_and_loads_back(ext4_dir, dtype):
     obj = dtype_object(dtype)
     path = ext4_dir / "dtype.pt"
     layout_save_file(obj, path)
-    assert path.read_bytes() == torch_save_bytes(obj)
+    assert_same_records(path.read_bytes(), torch_save_bytes(obj))
     assert_loads_like(path, obj)
 
 
 @pytest.mark.parametrize("name", OBJECTS)
-def test_object_is_byte_identical_and_loads_back(ext4_dir, name):
+def test_object_has_torch_save_s_records_and_loads_back(ext4_dir, name):
     obj = OBJECTS[name]()
     path = ext4_dir / f"{name}.pt"
     layout_save_file(obj, path)
-    assert path.read_bytes() == torch_save_bytes(obj)
+    assert_same_records(path.read_bytes(), torch_save_bytes(obj))
     assert_loads_like(path, obj)
 
 
-def test_default_staging_size_is_byte_identical(ext4_dir):
+def test_default_staging_size_has_torch_save_s_records(ext4_dir):
     obj = {**large_tensor(), **views_and_slices(), **nested_python()}
     path = ext4_dir / "default.pt"
     with AioFileWriter(path) as writer:
         save_layout_first(obj, writer)
-    assert path.read_bytes() == torch_save_bytes(obj)
+    assert_same_records(path.read_bytes(), torch_save_bytes(obj))
     assert_loads_like(path, obj)
 
 
@@ -287,13 +289,15 @@ def test_views_still_share_one_storage_after_load(ext4_dir):
 
 @pytest.mark.parametrize("name", ["views_and_slices", "empty_tensors", "large_tensor", "many_tensors", "scalars",
                                   "no_tensors", "typed_storage"])
-def test_storage_alignment_4096_is_byte_identical(ext4_dir, storage_alignment_4096, name):
+def test_storage_alignment_4096_keeps_torch_s_alignment(ext4_dir, storage_alignment_4096, name):
     obj = OBJECTS[name]()
     path = ext4_dir / f"{name}.pt"
     layout_save_file(obj, path)
     expected = torch_save_bytes(obj)
     assert b"4096" in expected  # torch records the alignment it used
-    assert path.read_bytes() == expected
+    written = path.read_bytes()
+    assert_same_records(written, expected)
+    assert all(start % 4096 == 0 for name, (start, data) in records(written).items() if "/data/" in name and data)
     assert_loads_like(path, obj)
 
 
@@ -326,7 +330,56 @@ def test_snapshot_keeps_the_values_at_snapshot_time(ext4_dir):
     live_path = ext4_dir / "live.pt"  # the layout itself reads the tensors as they are now
     with AioFileWriter(live_path, **SMALL) as writer:
         layout.write_to(writer)
-    assert live_path.read_bytes() == torch_save_bytes(obj) != before_bytes
+    assert_same_records(live_path.read_bytes(), torch_save_bytes(obj))
+    assert torch.equal(torch.load(live_path, weights_only=True)["base"], base)
+
+
+def big_storages():
+    """Storages over the 64 KiB a write_in_place copies below, of odd sizes, at torch's 64-byte alignment."""
+    generator = torch.Generator().manual_seed(3)
+    return {"w": torch.randn(1 << 20, generator=generator), "odd": torch.randn(70001, generator=generator).half(),
+            "small": torch.arange(7), "i": torch.randint(0, 9, (300001,), generator=generator)}
+
+
+def in_place_ceiling(obj) -> int:
+    """The bytes O_DIRECT can take from the storages' memory: all but the unaligned edges of each over 64 KiB."""
+    sizes = [value.untyped_storage().nbytes() for value in obj.values()]
+    return sum(size for size in sizes if size >= (64 << 10) + 4096)
+
+
+@pytest.mark.parametrize("copied", [False, True], ids=["live", "snapshot"])
+def test_cpu_storages_go_to_disk_from_their_own_memory(ext4_dir, copied):
+    obj = big_storages()
+    layout = lay_out(obj)
+    path = ext4_dir / "in_place.pt"
+    with AioFileWriter(path) as writer:
+        assert writer.memory_alignment in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+        (layout.snapshot() if copied else layout).write_to(writer)
+    ceiling = in_place_ceiling(obj)
+    # Each storage gives up at most its two partial blocks to staging.
+    assert ceiling - 3 * 2 * 4096 <= writer.bytes_in_place <= ceiling
+    assert_loads_like(path, obj)
+    written, expected = path.read_bytes(), torch_save_bytes(obj)
+    assert_same_records(written, expected)
+    if copied:  # each copy lies where torch.save's offset needs it: nothing moved
+        assert written == expected
+    for name, (start, data) in records(written).items():
+        if "/data/" in name and len(data) >= 64 << 10:
+            key = int(name.rpartition("/")[2])
+            storage = list(obj.values())[key].untyped_storage()
+            assert copied or (start - storage.data_ptr()) % writer.memory_alignment == 0, name
+
+
+def test_a_write_from_memory_that_fails_keeps_errno_and_path_and_no_fd(tmp_path):
+    obj = big_storages()
+    path = tmp_path / "failed.pt"
+    with inject_fault("write", errno.ENOSPC, skip=3):
+        with pytest.raises(OSError) as raised:
+            with AioFileWriter(path, **SMALL) as writer:
+                save_layout_first(obj, writer)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+    assert writer.closed
+    assert open_fds_under(tmp_path) == []
 
 
 def test_snapshot_over_its_limit_is_refused(ext4_dir):
