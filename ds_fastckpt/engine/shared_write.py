@@ -138,9 +138,15 @@ class _Crc32c:
 
     def __init__(self):
         self.value = 0
+        self._position = 0
 
-    def write(self, data) -> int:
+    def tell(self) -> int:
+        return self._position
+
+    def write_in_place(self, data, *, until_written: bool = False) -> int:
+        """Hashes ``data`` (a uint8 array) before returning: the block is free again either way."""
         self.value = load_op().crc32c(data, self.value)
+        self._position += len(data)
         return len(data)
 
 

@@ -2,13 +2,19 @@
 
 An accelerator storage reaches the writer through ``DeviceCopier``'s two
 pinned blocks, copied on a side stream, the copy of one block overlapping the
-write of the one before; nothing passes through pageable memory.
+write of the one before; nothing passes through pageable memory. Each block
+lands at an address that agrees with its file offset modulo
+``DIRECT_ALIGNMENT``, so O_DIRECT writes it from there: a byte crosses host
+memory once. Host copies (snapshots) are placed the same way.
 """
 
 import io
 from typing import Dict, Union
 
 import torch
+
+from ds_fastckpt.native.host_blocks import SNAPSHOT_BLOCKS
+from ds_fastckpt.native.op import DIRECT_ALIGNMENT
 
 # Bytes per block of an accelerator storage in flight to pinned memory: two blocks alternate, one being copied
 # while the other is written.
@@ -24,25 +30,28 @@ class DeviceCopier:
 
     Args:
         device: the accelerator device of the storages it copies.
-        block_bytes: bytes per block.
+        block_bytes: bytes per pinned block; each carries up to ``block_bytes - DIRECT_ALIGNMENT`` of a storage.
     """
 
     def __init__(self, device: torch.device, block_bytes: int = DEVICE_BLOCK_BYTES):
         self.device = torch.device(device)
         self._module = torch.get_device_module(self.device)
         self._stream = self._module.Stream(self.device)
+        # Each block carries DIRECT_ALIGNMENT bytes of slack, so that its bytes can start at the address their file
+        # offset needs; kept inside block_bytes because torch's pinned allocator rounds sizes up to a power of two.
+        self._chunk_bytes = block_bytes - DIRECT_ALIGNMENT
         self._blocks = [torch.empty(block_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
 
     def write(self, source: torch.Tensor, writer: io.RawIOBase) -> None:
-        """Writes the bytes of ``source`` (uint8, on the device) to ``writer``; returns when the writer has taken
-        the last block."""
-        block_bytes = self._blocks[0].numel()
+        """Writes the bytes of ``source`` (uint8, on the device) to ``writer``; returns when the last block is on
+        disk."""
+        chunk_bytes, position = self._chunk_bytes, writer.tell()
         # The side stream must see every kernel the training stream queued that writes this storage.
         self._stream.wait_stream(self._module.current_stream(self.device))
         in_flight = None
-        for index, start in enumerate(range(0, source.numel(), block_bytes)):
-            length = min(block_bytes, source.numel() - start)
-            block = self._blocks[index % 2][:length]
+        for index, start in enumerate(range(0, source.numel(), chunk_bytes)):
+            length = min(chunk_bytes, source.numel() - start)
+            block = _congruent(self._blocks[index % 2], position + start, length)
             with self._module.stream(self._stream):
                 block.copy_(source[start:start + length], non_blocking=True)
                 copied = self._module.Event()
@@ -59,15 +68,18 @@ class DeviceCopier:
     def _hand_over(in_flight, writer: io.RawIOBase) -> None:
         copied, block = in_flight
         copied.synchronize()
-        writer.write(block.numpy())  # copied into the writer's staging before write() returns: the block is free
+        writer.write_in_place(block.numpy(), until_written=True)  # on disk when this returns: the block is free
 
 
 def write_piece(piece: Union[bytes, torch.Tensor], writer, copiers: Dict[torch.device, DeviceCopier]) -> None:
-    """Writes bytes, or a uint8 tensor from its own memory (by DMA through pinned blocks when on a device)."""
+    """Writes bytes, or a uint8 tensor from its own memory (by DMA through pinned blocks when on a device).
+
+    The tensor's memory must not change until the writer is closed: O_DIRECT reads it from there.
+    """
     if isinstance(piece, bytes):
         writer.write(piece)
     elif piece.device.type == "cpu":
-        writer.write(piece.numpy())
+        writer.write_in_place(piece.numpy())
     else:
         if piece.device not in copiers:
             copiers[piece.device] = DeviceCopier(piece.device)
@@ -81,13 +93,27 @@ def wait_for_host_copies(sources) -> None:
         torch.get_device_module(device).current_stream(device).synchronize()
 
 
-def host_copy_of_bytes(source: torch.Tensor) -> torch.Tensor:
-    """A host copy of a uint8 tensor: pinned and copied by DMA (asynchronously) when it is on a device."""
-    if source.device.type == "cpu":
-        return source.clone()
-    copy = torch.empty(source.numel(), dtype=torch.uint8, pin_memory=True)
-    copy.copy_(source, non_blocking=True)
-    return copy
+def host_copy_of_bytes(source: torch.Tensor, file_offset: int) -> torch.Tensor:
+    """A host copy of a uint8 tensor, placed so O_DIRECT writes it to ``file_offset`` from where it lies: pinned
+    and copied by DMA (asynchronously) when ``source`` is on a device (torch's pinned allocator caches the
+    memory), else copied into a block ``SNAPSHOT_BLOCKS`` keeps for the next snapshot."""
+    nbytes = source.numel() + DIRECT_ALIGNMENT
+    if source.device.type != "cpu":
+        copy = _congruent(torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), file_offset, source.numel())
+        return copy.copy_(source, non_blocking=True)
+    block = SNAPSHOT_BLOCKS.take(nbytes)
+    copy = SNAPSHOT_BLOCKS.lend(block, _congruent_start(block, file_offset), source.numel())
+    return copy.copy_(source)
+
+
+def _congruent(block: torch.Tensor, file_offset: int, length: int) -> torch.Tensor:
+    """``length`` bytes of ``block`` (``DIRECT_ALIGNMENT`` longer) at an address congruent to ``file_offset``."""
+    start = _congruent_start(block, file_offset)
+    return block[start:start + length]
+
+
+def _congruent_start(block: torch.Tensor, file_offset: int) -> int:
+    return (file_offset - block.data_ptr()) % DIRECT_ALIGNMENT
 
 
 def bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:

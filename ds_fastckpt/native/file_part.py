@@ -50,7 +50,7 @@ class FilePart:
         if limit_bytes and self.storage_bytes > limit_bytes:
             raise SnapshotTooLargeError(f"a snapshot of {self.storage_bytes} bytes exceeds the limit of "
                                         f"{limit_bytes} bytes")
-        copies = [(offset, piece if isinstance(piece, bytes) else host_copy_of_bytes(piece))
+        copies = [(offset, piece if isinstance(piece, bytes) else host_copy_of_bytes(piece, offset))
                   for offset, piece in self.pieces]
         wait_for_host_copies([piece for _, piece in self.pieces if not isinstance(piece, bytes)])
         return FilePart(copies, self.file_size)
