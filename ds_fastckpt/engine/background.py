@@ -38,7 +38,23 @@ class BackgroundWriter:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
 
     def submit(self, write: Callable[..., Any], *args) -> concurrent.futures.Future:
-        return self._executor.submit(write, *args)
+        """Queues ``write(*args)``; once the interpreter has begun to exit, runs it here and returns it done.
+
+        ``concurrent.futures`` refuses new work from the moment the interpreter's exit begins (its own hook runs
+        before ``atexit``'s), yet the commit of a checkpoint in flight at exit still rotates, and rotation hands
+        its removal here: refusing it would leave that checkpoint uncommitted.
+        """
+        try:
+            return self._executor.submit(write, *args)
+        except RuntimeError:
+            if not concurrent.futures.thread._shutdown:  # this writer was shut down: a caller's bug, not the exit
+                raise
+        done = concurrent.futures.Future()
+        try:
+            done.set_result(write(*args))
+        except Exception as error:  # the caller reads it from the future, as from the writer thread
+            done.set_exception(error)
+        return done
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)

@@ -82,18 +82,28 @@ def test_wait_commits_now(tmp_path):
     engine.destroy()
 
 
-def test_interpreter_exit_commits_the_checkpoint_in_flight(tmp_path):
+@pytest.mark.parametrize("options, saves", [({"keep_last": 0}, 1), ({"keep_last": 1, "snapshot": True}, 3)],
+                         ids=["no_rotation", "rotating_snapshots"])
+def test_interpreter_exit_commits_the_checkpoint_in_flight(tmp_path, options, saves):
+    """With rotation, the commit at exit also retires the checkpoint before and removes the spare before that,
+    work the exiting interpreter's executors refuse."""
     script = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
               "from tests.ds_helpers import single_process_env, init_engine, train\n"
               "single_process_env()\n"
-              "engine = init_engine(1, {'keep_last': 0, 'async': True})\n"
-              "train(engine, 2)\n"
-              f"engine.save_checkpoint({str(tmp_path)!r})\n")
+              f"engine = init_engine(1, {{'async': True, **{options!r}}})\n"
+              f"for _ in range({saves}):\n"
+              "    train(engine, 1)\n"
+              f"    engine.save_checkpoint({str(tmp_path)!r})\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert complete_tags(tmp_path) == ["global_step2"]
-    assert (tmp_path / "latest").read_text() == "global_step2"
+    assert "could not commit" not in result.stderr, result.stderr[-4000:]
+    tag = f"global_step{saves}"
+    assert [name for name in complete_tags(tmp_path) if not name.startswith(".")] == [tag]  # not the spare
+    assert (tmp_path / "latest").read_text() == tag
+    if saves > 1:  # the spare made of global_step1 was removed at exit, global_step2 is the spare now
+        assert sorted(path.name for path in tmp_path.iterdir() if "global_step" in path.name) == \
+            [".global_step2.ds_fastckpt-spare", tag]
 
 
 def test_background_io_error_surfaces_at_the_next_step(tmp_path):
