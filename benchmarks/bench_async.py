@@ -9,9 +9,12 @@ each, the save overhead (step time minus the no-save step time) of sync and
 async, and their ratio.
 
 Training runs on one thread (``torch.set_num_threads(1)``), leaving the
-other core to the writer, as a GPU host leaves its CPUs to it.
+other core to the writer, as a GPU host leaves its CPUs to it; ``--threads
+2`` trains on both cores instead, so every CPU second the writer spends is
+taken from training. ``--snapshot`` saves async with ``"snapshot": true``:
+each save copies the state before it returns.
 
-    python benchmarks/bench_async.py --dir /path/on/the/disk
+    python benchmarks/bench_async.py --dir /path/on/the/disk [--threads 2] [--snapshot]
 """
 
 import argparse
@@ -28,7 +31,7 @@ from ds_fastckpt.cli.measure import format_ratio, interleaved, medians
 from ds_fastckpt.format.records import complete_checkpoints, scan
 
 
-def make_engine(width: int, async_save: bool):
+def make_engine(width: int, async_save: bool, snapshot: bool = False):
     import deepspeed
 
     importlib.import_module("ds_fastckpt")  # importing it registers the fast_aio engine with DeepSpeed
@@ -38,7 +41,8 @@ def make_engine(width: int, async_save: bool):
     config = {
         "train_micro_batch_size_per_gpu": 64,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-        "checkpoint": {"engine": "fast_aio", "fast_aio": {"keep_last": 2, "async": async_save}},
+        "checkpoint": {"engine": "fast_aio",
+                       "fast_aio": {"keep_last": 2, "async": async_save, "snapshot": snapshot}},
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     return engine
@@ -64,12 +68,14 @@ def main():
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8, help="steps per mode per round")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads training uses (default 1)")
+    parser.add_argument("--snapshot", action="store_true", help="async saves copy the state first")
     args = parser.parse_args()
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     world_of_one()
     sync_engine = make_engine(args.width, async_save=False)
-    async_engine = make_engine(args.width, async_save=True)
+    async_engine = make_engine(args.width, async_save=True, snapshot=args.snapshot)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench_async_") as root:
         # Each run's step times but the first: the first step of a run pays for the mode switch.
         runs = {
@@ -91,8 +97,8 @@ def main():
     median = medians(step_times)
     sync_overhead = median["sync saves"] - median["no saves"]
     async_overhead = median["async saves"] - median["no saves"]
-    print(f"\ncheckpoint {size / 1e6:.0f} MB per save, {args.rounds} rounds x {args.steps} steps, "
-          "median step time:")
+    print(f"\ncheckpoint {size / 1e6:.0f} MB per save, {args.rounds} rounds x {args.steps} steps, training on "
+          f"{args.threads} thread(s), async {'with' if args.snapshot else 'without'} snapshot, median step time:")
     for name, seconds in median.items():
         print(f"  {name:<12} {seconds * 1e3:8.1f} ms")
     print(f"save overhead per step: sync {sync_overhead * 1e3:.1f} ms, async {async_overhead * 1e3:.1f} ms")

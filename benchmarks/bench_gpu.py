@@ -27,7 +27,13 @@ is timed:
 
 Prints, per size, the median seconds to durable, GB/s, the median GPU-blocked
 seconds, and ratios against FastCheckpointEngine (throughput) and against the
-D2H copy (GPU-blocked time), all measured in this run. A method that fails is
+D2H copy (GPU-blocked time), all measured in this run. ``CPU s/GB`` is the
+median CPU time (user + system) of this whole process, every thread of it,
+until the save is durable, per GB of state (``Stopwatch``); ``blocked CPU
+s/GB`` the same over the GPU-blocked part (the same as ``CPU s/GB`` where
+that is the whole call). A footnote gives the median share of each fast_aio
+sync file the writer sent to disk from the memory its bytes were DMAed into,
+uncopied (``AioFileWriter.bytes_in_place``). A method that fails is
 reported with its error and left out of the ratios. With ``--time-limit`` no
 save starts after that many seconds, and the tables show the saves that ran.
 
@@ -43,12 +49,13 @@ import inspect
 import os
 import shutil
 import socket
+import statistics
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -93,6 +100,24 @@ def tensors_of(obj) -> List[torch.Tensor]:
     return []
 
 
+class Stopwatch:
+    """Wall seconds and CPU seconds of this whole process since it was made.
+
+    The calling thread's CPU time would leave out the work a save hands to other threads: the op's I/O thread
+    (CRC-32C, submitting and reaping), the writer thread here, DeepSpeed's aio threads, DCP's upload thread and
+    torch's intra-op threads. ``time.process_time`` is user + system time summed over every thread of the process,
+    ended ones included; every method runs in this process. Not in it: the kernel's own threads (writeback,
+    the disk's completions) and the GPU's copy engines.
+    """
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> Tuple[float, float]:
+        """(wall seconds, CPU seconds) since the start."""
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -104,19 +129,35 @@ class Methods:
     """The methods of one size: each runs one save and returns the seconds until it is durable.
 
     Each method's first failure is kept and the method is skipped from then on; so is every method once the
-    time limit has passed. GPU-blocked seconds are kept per method where they differ from the total.
+    time limit has passed. A method times its call with a ``Stopwatch`` and ends it with ``stop``, which keeps the
+    process's CPU seconds too; one whose GPU-blocked part ends before the save is durable marks that with ``block``.
     """
 
     def __init__(self, target: Path, deadline: float):
         self.target = target
         self.deadline = deadline
         self.methods: Dict[str, Callable[[Path], float]] = {}
-        self.blocked: Dict[str, List[float]] = {}
+        self.blocked: Dict[str, List[float]] = {}  # GPU-blocked seconds, where they differ from the total
+        self.cpu: Dict[str, List[float]] = {}  # the process's CPU seconds until durable
+        self.blocked_cpu: Dict[str, List[float]] = {}  # and over the GPU-blocked part, where that differs
+        self.in_place: List[float] = []  # fast_aio sync: share of the file's bytes written from their own memory
         self.failed: Dict[str, str] = {}
         self.skipped: Dict[str, str] = {}
 
     def add(self, name: str, run: Callable[[Path], float]) -> None:
         self.methods[name] = run
+
+    def block(self, name: str, watch: Stopwatch) -> None:
+        """Marks the end of ``name``'s GPU-blocked part: from here on the GPU's state may change."""
+        seconds, cpu = watch.read()
+        self.blocked.setdefault(name, []).append(seconds)
+        self.blocked_cpu.setdefault(name, []).append(cpu)
+
+    def stop(self, name: str, watch: Stopwatch) -> float:
+        """Ends ``name``'s timed call, its save now durable: keeps the CPU seconds, returns the wall seconds."""
+        seconds, cpu = watch.read()
+        self.cpu.setdefault(name, []).append(cpu)
+        return seconds
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped[name] = reason
@@ -161,26 +202,27 @@ def add_fast_aio(methods: Methods, state: dict, device: torch.device, pool) -> N
     copiers = {device: DeviceCopier(device)}
 
     def sync(path: Path) -> float:
-        start = time.perf_counter()
+        watch = Stopwatch()
         with torch_zip_crc32(False), AioFileWriter(path, staging=staging, fsync=True) as writer:
             save_layout_first(state, writer, copiers)
-        return time.perf_counter() - start
+        seconds = methods.stop(SYNC, watch)
+        methods.in_place.append(writer.bytes_in_place / writer.bytes_written)
+        return seconds
 
     def write_snapshot(snapshot, path: Path) -> None:
         with AioFileWriter(path, staging=staging, fsync=True) as writer:
             snapshot.write_to(writer)
 
     def asynchronous(path: Path) -> float:
-        start = time.perf_counter()
+        watch = Stopwatch()
         with torch_zip_crc32(False):
             snapshot = lay_out(state).snapshot()
-        methods.blocked[ASYNC].append(time.perf_counter() - start)
+        methods.block(ASYNC, watch)
         pool.submit(write_snapshot, snapshot, path).result()
-        return time.perf_counter() - start
+        return methods.stop(ASYNC, watch)
 
     with torch_zip_crc32(False):
         lay_out(state).snapshot()  # untimed: fills torch's pinned host cache, which every later snapshot reuses
-    methods.blocked[ASYNC] = []
     methods.add(SYNC, sync)
     methods.add(ASYNC, asynchronous)
 
@@ -191,11 +233,11 @@ def add_d2h(methods: Methods, state: dict) -> None:
 
     def d2h(_path: Path) -> float:
         torch.cuda.synchronize()
-        start = time.perf_counter()
+        watch = Stopwatch()
         for destination, source in zip(destinations, sources):
             destination.copy_(source, non_blocking=True)
         torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return methods.stop(D2H, watch)
 
     methods.add(D2H, d2h)
 
@@ -230,21 +272,21 @@ def add_fast_checkpoint_engine(methods: Methods, state: dict, skip_reason: str) 
         return
 
     def save(path: Path) -> float:
-        start = time.perf_counter()
+        watch = Stopwatch()
         engine.save(state, str(path))  # closes the FastFileWriter, which fsyncs
-        return time.perf_counter() - start
+        return methods.stop(FCE, watch)
 
     methods.add(FCE, save)
 
 
 def add_torch_save(methods: Methods, state: dict) -> None:
     def save(path: Path) -> float:
-        start = time.perf_counter()
+        watch = Stopwatch()
         with open(path, "wb") as file:
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
-        return time.perf_counter() - start
+        return methods.stop(TORCH_SAVE, watch)
 
     methods.add(TORCH_SAVE, save)
 
@@ -297,16 +339,15 @@ def add_dcp(methods: Methods, state: dict) -> List[object]:
         return []
 
     def save(path: Path) -> float:
-        start = time.perf_counter()
+        watch = Stopwatch()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is disabled": one process, on purpose
             response = async_save(state, storage_writer=FileSystemWriter(str(path), sync_files=True), **options)
-            methods.blocked[DCP].append(time.perf_counter() - start)
+            methods.block(DCP, watch)
             upload = getattr(response, "upload_completion", response)  # AsyncSaveResponse or a Future
             upload.result()
-        return time.perf_counter() - start
+        return methods.stop(DCP, watch)
 
-    methods.blocked[DCP] = []
     methods.add(DCP, save)
     return [stager]
 
@@ -318,13 +359,16 @@ def report(nbytes: int, samples: Dict[str, List[float]], methods: Methods, round
     seconds = medians(measured)
     blocked = medians({name: methods.blocked.get(name) or samples[name] for name in measured})
     gbps = {name: nbytes / value / 1e9 for name, value in seconds.items()}
+    cpu = medians({name: methods.cpu[name] for name in measured})
+    blocked_cpu = medians({name: methods.blocked_cpu.get(name) or methods.cpu[name] for name in measured})
+    per_gb = 1e9 / nbytes
     vs_fce = ratios(gbps, FCE) if FCE in gbps else {}
     vs_d2h = ratios(blocked, D2H) if D2H in blocked else {}
     print(f"\n{nbytes / (1 << 30):.2f} GiB state (bf16 weights; fp32 master, exp_avg, exp_avg_sq) on "
           f"{torch.cuda.get_device_name()}, writing to {directory}; median of up to {rounds} interleaved rounds")
     width = max(len(name) for name in [*samples, *methods.skipped]) + 2
-    print(f"{'method':<{width}}{'n':>3}{'seconds':>10}{'GB/s':>9}{'GPU-blocked s':>15}{'GB/s vs FCE':>13}"
-          f"{'blocked vs D2H':>16}")
+    print(f"{'method':<{width}}{'n':>3}{'seconds':>10}{'GB/s':>9}{'CPU s/GB':>10}{'GPU-blocked s':>15}"
+          f"{'blocked CPU s/GB':>18}{'GB/s vs FCE':>13}{'blocked vs D2H':>16}")
     for name in samples:
         if name not in measured:
             why = f"failed: {methods.failed[name]}" if name in methods.failed else "no save started before --time-limit"
@@ -332,8 +376,8 @@ def report(nbytes: int, samples: Dict[str, List[float]], methods: Methods, round
             continue
         fce = format_ratio(vs_fce[name]) if name in vs_fce else "n/a"
         d2h = format_ratio(vs_d2h[name]) if name in vs_d2h else "n/a"
-        print(f"{name:<{width}}{len(samples[name]):>3}{seconds[name]:>10.3f}{gbps[name]:>9.2f}{blocked[name]:>15.3f}"
-              f"{fce:>13}{d2h:>16}")
+        print(f"{name:<{width}}{len(samples[name]):>3}{seconds[name]:>10.3f}{gbps[name]:>9.2f}"
+              f"{cpu[name] * per_gb:>10.3f}{blocked[name]:>15.3f}{blocked_cpu[name] * per_gb:>18.3f}{fce:>13}{d2h:>16}")
     for name, reason in methods.skipped.items():
         print(f"{name:<{width}}  skipped: {reason}")
     if ASYNC in vs_d2h:
@@ -342,8 +386,14 @@ def report(nbytes: int, samples: Dict[str, List[float]], methods: Methods, round
               f"(bar <= {format_ratio(BLOCKED_BAR)}): {verdict}")
     if SYNC in vs_fce:
         print(f"fast_aio sync / FastCheckpointEngine throughput: {format_ratio(vs_fce[SYNC])}")
+    if SYNC in measured:
+        print(f"fast_aio sync: {statistics.median(methods.in_place):.1%} of each file's bytes written in place "
+              "(median): sent to disk from the pinned blocks the GPU's bytes were DMAed into, not copied into staging")
     print("seconds: until the file is durable (fsynced); torch's zip CRC32: off for fast_aio (the engine's "
-          "default), as shipped (on) for FastCheckpointEngine and torch.save", flush=True)
+          "default), as shipped (on) for FastCheckpointEngine and torch.save")
+    print("CPU s/GB: median per save of this process's CPU time (user + system, every thread), until durable and "
+          "over the GPU-blocked part, per GB of state; a thread waiting for the GPU counts (CUDA's default "
+          "scheduling spins), the kernel's writeback threads and the GPU's copy engines do not", flush=True)
     print(flush=True)
 
 

@@ -28,14 +28,21 @@ round in an order that rotates every round (``ds_fastckpt.cli.measure``):
   round before wrote, as fio writes over the file it lays out first and as a
   recycling save writes over its spare. The faster of the two raw writes is
   the ceiling that ``vs ceiling`` and the bar divide by.
+- ``memcpy (copy_)``: ``copy_`` of the raw writes' buffer into a
+  preallocated tensor of the same size whose pages were touched before: the
+  least CPU time and the speed of moving the bytes once in memory, as a save
+  does into its staging halves (``Memcpy``).
 - ``fast_aio async`` (``--async``): ``"async": true``; timed from
   ``save_checkpoint`` until ``ds_fastckpt.wait(engine)`` has committed and
   the rotated checkpoint is removed; the time ``save_checkpoint`` took to
   return is printed beside it.
 
 GB/s are bytes on disk per save (summed over the tag directory's files) over
-the median seconds. ``thread CPU s`` and ``preempted`` are the calling
-thread's CPU time and involuntary context switches per call (``ThreadCost``).
+the median seconds. ``CPU s/GB`` is the median CPU time (user + system) of
+the whole process, every thread of it, over the timed part of a call
+(``ProcessClock``), per GB written (copied, for memcpy). ``thread CPU s``
+and ``preempted`` are the calling thread's CPU time and involuntary context
+switches per call (``Cost``).
 ``--raw-unlink`` adds the raw write plus the unlink of the file written the
 round before: the ceiling of a save that also deletes an old
 checkpoint (on a filesystem mounted with ``discard``, unlinking waits for the
@@ -87,6 +94,7 @@ RAW_UNLINK = "raw O_DIRECT + unlink"
 ASYNC = "fast_aio async"
 BACKGROUND = "fast_aio, background_delete"
 NO_RECYCLE = "fast_aio, recycle_retired off"
+MEMCPY = "memcpy (copy_)"
 BYTES_PER_PARAMETER = 16  # fp32 weight + fp32 master partition + Adam exp_avg + exp_avg_sq
 KEEP = 2
 WARM_UP_SAVES = KEEP + 1  # so that every timed save rotates and, recycling, writes over a spare
@@ -119,16 +127,42 @@ def tree_bytes(path: Path) -> int:
     return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)
 
 
+class ProcessClock:
+    """Times a call in wall seconds and in CPU seconds of this whole process; ``cpu`` holds the last call's.
+
+    The calling thread's CPU time leaves out the work a save hands to other threads: the op's I/O thread
+    (CRC-32C, submitting and reaping), the async engine's ``ds_fastckpt-writer``, background_delete's
+    ``ds_fastckpt-remover`` and torch's intra-op threads. ``time.process_time`` (``CLOCK_PROCESS_CPUTIME_ID``)
+    is user + system time summed over every thread of the process, ended ones included; all methods run in this
+    process, none in a child. What the kernel does for it on threads of its own is not in it: the writeback of
+    the page cache that ``os.sync()`` waits for (kernel flusher threads) and the disk's completions (interrupts,
+    ``kblockd``).
+    """
+
+    def __init__(self):
+        self.cpu = 0.0
+
+    def timed(self, call: Callable[[], object]) -> float:
+        """``measure.timed`` that also keeps the process's CPU seconds over the same span in ``cpu``."""
+        cpu, start = time.process_time(), time.perf_counter()
+        result = call()
+        elapsed, self.cpu = time.perf_counter() - start, time.process_time() - cpu
+        del result
+        return elapsed
+
+
 class Saver:
     """One engine saving into its own save_dir with increasing tags; keeps the bytes of each save."""
 
-    def __init__(self, engine, save_dir: Path):
+    def __init__(self, engine, save_dir: Path, clock: ProcessClock):
         self.engine = engine
         self.save_dir = save_dir
+        self.clock = clock
         self.tags: List[str] = []
         self.bytes: List[int] = []
         self.returned: List[float] = []  # async: seconds until save_checkpoint returned
         self.removals: List[float] = []  # background_delete: seconds the rotated checkpoint's removal ran on after
+        self.removal_cpu: List[float] = []  # background_delete: the process's CPU seconds over those
 
     def _next_tag(self) -> str:
         self.tags.append(f"step{len(self.tags):04d}")
@@ -136,15 +170,18 @@ class Saver:
 
     def fast(self, _round_index: int = 0) -> float:
         tag = self._next_tag()
-        seconds = timed(lambda: self.engine.save_checkpoint(str(self.save_dir), tag=tag))
+        seconds = self.clock.timed(lambda: self.engine.save_checkpoint(str(self.save_dir), tag=tag))
         self.bytes.append(tree_bytes(self.save_dir / tag))
         return seconds
 
     def fast_background_delete(self, _round_index: int = 0) -> float:
         """The save as the training thread sees it; the removal it left running is waited for untimed, so that it
-        does not slow the next method down, and reported on its own."""
+        does not slow the next method down, and reported on its own, with the CPU time it took (the process's: the
+        main thread only waits), which the save's own CPU time leaves out."""
         seconds = self.fast()
+        cpu = time.process_time()
         self.removals.append(timed(self.engine.checkpoint_engine._rotation.finish_removals))
+        self.removal_cpu.append(time.process_time() - cpu)
         return seconds
 
     def default(self, _round_index: int = 0) -> float:
@@ -156,25 +193,28 @@ class Saver:
             if len(self.tags) > KEEP:
                 shutil.rmtree(self.save_dir / self.tags[-KEEP - 1])
 
-        seconds = timed(save)
+        seconds = self.clock.timed(save)
         self.bytes.append(tree_bytes(self.save_dir / tag))
         return seconds
 
     def fast_async(self, _round_index: int = 0) -> float:
         tag = self._next_tag()
-        start = time.perf_counter()
-        self.engine.save_checkpoint(str(self.save_dir), tag=tag)
-        returned = time.perf_counter()
-        ds_fastckpt.wait(self.engine)
-        # The rotated checkpoint is removed on the background writer after the commit; wait for it too, so the
-        # removal is inside this save's time and does not slow the next method down. No public call waits for it.
-        rotation = getattr(self.engine.checkpoint_engine, "_rotation", None)
-        if rotation is not None:
-            rotation.finish_removals()
-        end = time.perf_counter()
-        self.returned.append(returned - start)
+
+        def save_and_commit():
+            start = time.perf_counter()
+            self.engine.save_checkpoint(str(self.save_dir), tag=tag)
+            self.returned.append(time.perf_counter() - start)
+            ds_fastckpt.wait(self.engine)
+            # The rotated checkpoint is removed on the background writer after the commit; wait for it too, so
+            # the removal is inside this save's time and does not slow the next method down. No public call waits
+            # for it.
+            rotation = getattr(self.engine.checkpoint_engine, "_rotation", None)
+            if rotation is not None:
+                rotation.finish_removals()
+
+        seconds = self.clock.timed(save_and_commit)
         self.bytes.append(tree_bytes(self.save_dir / tag))
-        return end - start
+        return seconds
 
 
 class RawWriter:
@@ -185,8 +225,9 @@ class RawWriter:
     ``new_and_unlink`` writes a new file and deletes the one before, as a save that rotates without recycling.
     """
 
-    def __init__(self, directory: Path, nbytes: int, tuning: Dict[str, int]):
+    def __init__(self, directory: Path, nbytes: int, tuning: Dict[str, int], clock: ProcessClock):
         self.op = load_op()
+        self.clock = clock
         self.size = -(-nbytes // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
         self.buffer = torch.ones(self.size + DIRECT_ALIGNMENT, dtype=torch.uint8)
         self.directory = directory
@@ -200,12 +241,12 @@ class RawWriter:
 
     def new(self, _round_index: int = 0) -> float:
         target = self.directory / "raw.bin"
-        seconds = timed(lambda: self.write(target))
+        seconds = self.clock.timed(lambda: self.write(target))
         target.unlink()  # not timed
         return seconds
 
     def overwrite(self, _round_index: int = 0) -> float:
-        return timed(lambda: self.write(self.directory / "raw_overwrite.bin", "overwrite"))
+        return self.clock.timed(lambda: self.write(self.directory / "raw_overwrite.bin", "overwrite"))
 
     def new_and_unlink(self, _round_index: int = 0) -> float:
         """Writes a new file and deletes the one before (if any), as a rotation deletes an old checkpoint."""
@@ -216,18 +257,39 @@ class RawWriter:
             if len(self.written) > 1:
                 self.written[-2].unlink()
 
-        return timed(both)
+        return self.clock.timed(both)
 
 
-class ThreadCost:
-    """Per call of each method: the calling thread's CPU seconds and how often the kernel preempted it.
+class Memcpy:
+    """``copy_`` of ``source`` into a tensor of the same size: what moving the bytes once costs, with no disk.
+
+    Every save copies its bytes at least once (fast_aio into its staging halves, DeepSpeed's engine into the page
+    cache); beside the raw write, which only waits, this is the other end of what a save's CPU time can be. The
+    target is allocated and written once here, so that no timed copy pays for first touches of its pages.
+    """
+
+    def __init__(self, source: torch.Tensor, clock: ProcessClock):
+        self.source = source
+        self.target = torch.empty_like(source)
+        self.clock = clock
+        self.target.copy_(source)
+
+    def copy(self, _round_index: int = 0) -> float:
+        return self.clock.timed(lambda: self.target.copy_(self.source))
+
+
+class Cost:
+    """Per call of each method: the process's CPU seconds over its timed part (from ``clock``), and the calling
+    thread's CPU seconds and how often the kernel preempted it, over the whole call.
 
     The op copies into staging and hashes on the calling thread while the disk writes; on a small host that
     thread shares its CPUs with the block layer's completion work, and ``ru_nivcsw`` (involuntary context
     switches) shows how often that work took its CPU away. The raw writes only wait.
     """
 
-    def __init__(self):
+    def __init__(self, clock: ProcessClock):
+        self.clock = clock
+        self.process: Dict[str, List[float]] = defaultdict(list)
         self.cpu: Dict[str, List[float]] = defaultdict(list)
         self.preempted: Dict[str, List[int]] = defaultdict(list)
 
@@ -236,6 +298,7 @@ class ThreadCost:
             before = resource.getrusage(resource.RUSAGE_THREAD)
             seconds = call(round_index)
             after = resource.getrusage(resource.RUSAGE_THREAD)
+            self.process[name].append(self.clock.cpu)
             self.cpu[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
             self.preempted[name].append(after.ru_nivcsw - before.ru_nivcsw)
             return seconds
@@ -476,18 +539,19 @@ def main():
         def engine(checkpoint: dict):
             return make_engine(layers, args.width, checkpoint, aio)
 
+        clock = ProcessClock()
         savers = {
-            FAST: Saver(engine({"engine": "fast_aio", "fast_aio": fast_options}), root / "fast_aio"),
-            DEFAULT: Saver(engine({}), root / "default"),
+            FAST: Saver(engine({"engine": "fast_aio", "fast_aio": fast_options}), root / "fast_aio", clock),
+            DEFAULT: Saver(engine({}), root / "default", clock),
         }
         savers[NO_RECYCLE] = Saver(engine({
-            "engine": "fast_aio", "fast_aio": {**fast_options, "recycle_retired": False}}), root / "no_recycle")
+            "engine": "fast_aio", "fast_aio": {**fast_options, "recycle_retired": False}}), root / "no_recycle", clock)
         savers[BACKGROUND] = Saver(engine({
             "engine": "fast_aio", "fast_aio": {**fast_options, "recycle_retired": False, "background_delete": True}}),
-            root / "background")
+            root / "background", clock)
         if args.async_save:
             savers[ASYNC] = Saver(engine({"engine": "fast_aio", "fast_aio": {**fast_options, "async": True}}),
-                                  root / "async")
+                                  root / "async", clock)
         calls = {FAST: savers[FAST].fast, NO_RECYCLE: savers[NO_RECYCLE].fast,
                  BACKGROUND: savers[BACKGROUND].fast_background_delete,
                  DEFAULT: savers[DEFAULT].default}
@@ -498,26 +562,28 @@ def main():
                 call()
         nbytes = savers[FAST].bytes[-1]
         tuning = savers[FAST].engine.checkpoint_engine.tuning
-        raw = RawWriter(root, nbytes, tuning)
+        raw = RawWriter(root, nbytes, tuning, clock)
         raw.new()
+        memcpy = Memcpy(raw.buffer[:raw.size], clock)
         if args.raw_unlink:
             raw.new_and_unlink()  # untimed: the first file, which the first timed call deletes
         raws = {RAW: raw.new, RAW_OVERWRITE: raw.overwrite}
         if args.raw_unlink:
             raws[RAW_UNLINK] = raw.new_and_unlink
-        methods = {**raws, **calls}
+        references = {**raws, MEMCPY: memcpy.copy}  # all of raw.size bytes
+        methods = {**references, **calls}
         print(f"{layers} x Linear({args.width}, {args.width}) fp32 + AdamW, ZeRO-1, 1 process on CPU; "
               f"{nbytes / 1e9:.3f} GB per fast_aio save; block_size {tuning['block_size'] >> 10} KiB, "
               f"queue_depth {tuning['queue_depth']}; {root}", flush=True)
 
         def written(name: str) -> int:
-            return raw.size if name in raws else statistics.median(savers[name].bytes[WARM_UP_SAVES:])
+            return raw.size if name in references else statistics.median(savers[name].bytes[WARM_UP_SAVES:])
 
         def progress(round_index: int, samples: Dict[str, List[float]]) -> None:
             print(f"round {round_index + 1}/{args.rounds}: " +
                   ", ".join(f"{name} {values[-1]:.2f} s" for name, values in samples.items()), flush=True)
 
-        cost = ThreadCost()
+        cost = Cost(clock)
         samples = interleaved({name: cost.wrap(name, call) for name, call in methods.items()}, args.rounds, progress)
         median = medians(samples)
         gbps = {name: written(name) / seconds / 1e9 for name, seconds in median.items()}
@@ -526,12 +592,16 @@ def main():
 
         print(f"\nmedian of {args.rounds} interleaved rounds, durable saves, keep_last {KEEP} (rotation timed)")
         width = max(len(name) for name in methods) + 2
-        print(f"{'method':<{width}}{'median s':>10}{'GB/save':>9}{'GB/s':>7}{'vs ceiling':>12}{'vs default':>12}"
-              f"{'thread CPU s':>14}{'preempted':>11}")
+        print(f"{'method':<{width}}{'median s':>10}{'GB/save':>9}{'GB/s':>7}{'CPU s/GB':>10}{'vs ceiling':>12}"
+              f"{'vs default':>12}{'thread CPU s':>14}{'preempted':>11}")
         for name in methods:
-            print(f"{name:<{width}}{median[name]:10.3f}{written(name) / 1e9:9.3f}{gbps[name]:7.2f}"
+            cpu_per_gb = statistics.median(cost.process[name]) / written(name) * 1e9
+            print(f"{name:<{width}}{median[name]:10.3f}{written(name) / 1e9:9.3f}{gbps[name]:7.2f}{cpu_per_gb:10.3f}"
                   f"{format_ratio(vs_ceiling[name]):>12}{format_ratio(vs_default[name]):>12}"
                   f"{statistics.median(cost.cpu[name]):14.3f}{statistics.median(cost.preempted[name]):11.0f}")
+        print("CPU s/GB: median per call of the whole process's CPU time (user + system, every thread) over the timed "
+              f"part, per GB written (copied, for {MEMCPY}: torch's {torch.get_num_threads()} intra-op threads); "
+              "not in it: the kernel's writeback for os.sync() and the disk's completions")
         print("thread CPU s, preempted: medians per call of the calling thread's CPU time and involuntary context "
               "switches")
         if args.async_save:
@@ -539,8 +609,9 @@ def main():
             print(f"{ASYNC}: save_checkpoint returned in {returned:.3f} s (median); committed and rotated "
                   f"{median[ASYNC] - returned:.3f} s later")
         removal = statistics.median(savers[BACKGROUND].removals[WARM_UP_SAVES:])
+        removal_cpu = statistics.median(savers[BACKGROUND].removal_cpu[WARM_UP_SAVES:])
         print(f"{BACKGROUND}: the rotated checkpoint's removal ran on {removal:.3f} s (median) after the save "
-              "returned, on the ds_fastckpt-remover thread")
+              f"returned, on the ds_fastckpt-remover thread, and took {removal_cpu:.3f} CPU s more (not in CPU s/GB)")
         for name in (FAST, NO_RECYCLE, BACKGROUND):
             print(f"bars, {name}: / ceiling ({ceiling}) {vs_ceiling[name]:.2f} (bar >= 0.80, goal 0.95): "
                   f"{'met' if vs_ceiling[name] >= 0.8 else 'NOT met'}; / {DEFAULT} {format_ratio(vs_default[name])} "
