@@ -9,7 +9,7 @@ from typing import Optional
 
 from torch.serialization import get_crc32_options, set_crc32_options
 
-from ds_fastckpt.native.op import load_op
+from ds_fastckpt.native.op import DIRECT_ALIGNMENT, load_op
 from ds_fastckpt.native.staging import StagingBuffer
 from ds_fastckpt.native.tuning import DEFAULT_IO_BUFFER_SIZE, DEFAULT_TUNING, check_tuning
 
@@ -19,7 +19,7 @@ _warned_buffered_dirs = set()
 
 # The smallest source write_in_place() can write any of uncopied: a body of 64 KiB (csrc/aio_writer.cpp
 # kMinInPlaceBytes) after an edge of up to one block.
-MIN_IN_PLACE_BYTES = (64 << 10) + 4096
+MIN_IN_PLACE_BYTES = (64 << 10) + DIRECT_ALIGNMENT
 
 
 @contextlib.contextmanager
@@ -183,9 +183,9 @@ class AioFileWriter(io.RawIOBase):
 
     @property
     def memory_alignment(self) -> int:
-        """What ``(address - position) % memory_alignment == 0`` must hold for ``write_in_place`` to skip the copy:
-        the kernel's ``stx_dio_mem_align`` for this file (512 on a virtio disk, often 4 on NVMe), 1 when the file is
-        written buffered, and 4096 where the kernel does not say."""
+        """The modulus that a source's address and the position must agree in for ``write_in_place`` to skip the
+        copy: the kernel's ``stx_dio_mem_align`` for this file (512 on a virtio disk, often 4 on NVMe), 1 when the
+        file is written buffered, and 4096 where the kernel does not say."""
         return self._native.memory_alignment
 
     def skip(self, size: int) -> int:
