@@ -79,7 +79,7 @@ def write_piece(piece: Union[bytes, torch.Tensor], writer, copiers: Dict[torch.d
     if isinstance(piece, bytes):
         writer.write(piece)
     elif piece.device.type == "cpu":
-        writer.write_in_place(piece.numpy())
+        writer.write_in_place(piece)
     else:
         if piece.device not in copiers:
             copiers[piece.device] = DeviceCopier(piece.device)

@@ -7,6 +7,7 @@ import os
 import threading
 from typing import Optional
 
+import torch
 from torch.serialization import get_crc32_options, set_crc32_options
 
 from ds_fastckpt.native.op import DIRECT_ALIGNMENT, load_op
@@ -159,7 +160,8 @@ class AioFileWriter(io.RawIOBase):
         return view.nbytes
 
     def write_in_place(self, data, *, until_written: bool = False) -> int:
-        """Writes ``data`` like ``write()``, from its own memory where O_DIRECT allows: no staging copy.
+        """Writes ``data`` (bytes-like, or a contiguous CPU uint8 tensor) like ``write()``, from its own memory
+        where O_DIRECT allows: no staging copy.
 
         When the address of ``data`` and the position agree modulo
         ``memory_alignment``, its whole blocks go to disk straight from it and
@@ -173,12 +175,15 @@ class AioFileWriter(io.RawIOBase):
             ValueError: for a buffer that is not C-contiguous.
         """
         self._checkClosed()
-        view = memoryview(data)
+        buffer = data.numpy() if isinstance(data, torch.Tensor) else data
+        view = memoryview(buffer)
         if not view.c_contiguous:
             raise ValueError("AioFileWriter.write_in_place() needs a C-contiguous bytes-like object")
         if not until_written:
+            # The object given, not the array made of it: a tensor's numpy() does not keep that tensor alive, and
+            # a snapshot block goes back to its cache when its tensor goes (host_blocks).
             self._held.append(data)
-        self._run("write_in_place", data, until_written)
+        self._run("write_in_place", buffer, until_written)
         return view.nbytes
 
     @property

@@ -50,3 +50,29 @@ def test_consecutive_snapshots_of_a_state_reuse_the_same_memory():
     assert [piece.data_ptr() for piece in second.pieces if not isinstance(piece, bytes)] == addresses
     copy_of_w = next(piece for piece in second.pieces if not isinstance(piece, bytes))
     assert torch.equal(copy_of_w.view(torch.float32), state["w"])  # the kept block holds the new values
+
+
+def test_a_block_written_in_place_is_not_reused_before_the_writer_closes(tmp_path):
+    """The snapshot is dropped while its file is open and a new one taken: it gets other memory, and the file holds
+    the first snapshot's bytes (the disk may read a block written in place until close())."""
+    from ds_fastckpt import AioFileWriter
+    from ds_fastckpt.native.writer import torch_zip_crc32
+
+    state = {"w": torch.arange(1 << 18, dtype=torch.float32)}
+    expected = state["w"].clone()
+    with torch_zip_crc32(False):
+        layout = lay_out(state)
+        snapshot = layout.snapshot()
+        first_address = next(piece for piece in snapshot.pieces if not isinstance(piece, bytes)).data_ptr()
+        path = tmp_path / "held.pt"
+        writer = AioFileWriter(path)
+        snapshot.write_to(writer)
+        assert writer.bytes_in_place > 0
+        del snapshot
+        gc.collect()
+        state["w"].fill_(-1.0)
+        second = layout.snapshot()
+        assert next(piece for piece in second.pieces if not isinstance(piece, bytes)).data_ptr() != first_address
+        writer.close()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], expected)
+    del second
