@@ -36,7 +36,7 @@ from torch.serialization import DEFAULT_PROTOCOL, get_crc32_options
 from ds_fastckpt.native.device_copy import DeviceCopier, bytes_of, host_copy_of_bytes, wait_for_host_copies, write_piece
 from ds_fastckpt.native.file_part import FilePart, SnapshotTooLargeError
 from ds_fastckpt.native.writer import MIN_IN_PLACE_BYTES
-from ds_fastckpt.native.zip_padding import repad
+from ds_fastckpt.native.zip_padding import piece_length, repad
 
 
 class LayoutMismatchError(RuntimeError):
@@ -61,7 +61,7 @@ class Layout:
 
     @property
     def storage_bytes(self) -> int:
-        return sum(_length(piece) for piece in self.pieces if not isinstance(piece, bytes))
+        return sum(piece_length(piece) for piece in self.pieces if not isinstance(piece, bytes))
 
     def snapshot(self, limit_bytes: int = 0) -> "Layout":
         """The same layout with every storage copied to host memory now: later changes to the tensors do not show.
@@ -85,13 +85,13 @@ class Layout:
         copies, offset = [], 0
         for piece in self.pieces:
             copies.append(piece if isinstance(piece, bytes) else host_copy_of_bytes(bytes_of(piece), offset))
-            offset += _length(piece)
+            offset += piece_length(piece)
         wait_for_host_copies([piece for piece in self.pieces if not isinstance(piece, bytes)])
         return Layout(copies)
 
     @property
     def file_size(self) -> int:
-        return sum(_length(piece) for piece in self.pieces)
+        return sum(piece_length(piece) for piece in self.pieces)
 
     def storage_ranges(self, storages: List[torch.UntypedStorage]) -> List[Tuple[int, int]]:
         """``[start, end)`` in the file of each of ``storages`` (the same storages, not copies), in their order."""
@@ -99,14 +99,14 @@ class Layout:
         for piece in self.pieces:
             if not isinstance(piece, bytes):
                 starts[piece._cdata] = offset
-            offset += _length(piece)
+            offset += piece_length(piece)
         return [(starts[storage._cdata], starts[storage._cdata] + storage.nbytes()) for storage in storages]
 
     def part_without(self, ranges: List[Tuple[int, int]]) -> "FilePart":
         """The file's bytes outside ``ranges`` (sorted, not overlapping): what is left for one writer."""
         pieces, offset, first_gap = [], 0, 0
         for piece in self.pieces:
-            end = offset + _length(piece)
+            end = offset + piece_length(piece)
             while first_gap < len(ranges) and ranges[first_gap][1] <= offset:
                 first_gap += 1
             position = offset
@@ -302,12 +302,6 @@ class _Discard:
         return len(data)
 
 
-def _length(piece: Union[bytes, torch.UntypedStorage, torch.Tensor]) -> int:
-    if isinstance(piece, bytes):
-        return len(piece)
-    return piece.numel() if isinstance(piece, torch.Tensor) else piece.nbytes()
-
-
 def _slice(piece: Union[bytes, torch.UntypedStorage], start: int, end: int) -> Union[bytes, torch.Tensor]:
     return piece[start:end] if isinstance(piece, bytes) else bytes_of(piece)[start:end]
 
@@ -315,7 +309,7 @@ def _slice(piece: Union[bytes, torch.UntypedStorage], start: int, end: int) -> U
 def _host_address(piece) -> Optional[int]:
     """The address of a storage or tensor in host memory that ``write_in_place`` can write from; None on an
     accelerator (copied by DMA anyway) and for one it copies anyway (too small), which keeps torch's padding."""
-    if piece.device.type != "cpu" or _length(piece) < MIN_IN_PLACE_BYTES:
+    if piece.device.type != "cpu" or piece_length(piece) < MIN_IN_PLACE_BYTES:
         return None
     return piece.data_ptr()
 

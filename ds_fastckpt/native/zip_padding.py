@@ -55,8 +55,7 @@ class _Archive:
         self.starts, offset = [], 0
         for piece in pieces:
             self.starts.append(offset)
-            offset += piece.nbytes() if isinstance(piece, torch.UntypedStorage) else (
-                len(piece) if isinstance(piece, bytes) else piece.numel())
+            offset += piece_length(piece)
         self.size = offset
 
     def piece_at(self, offset: int) -> int:
@@ -84,7 +83,7 @@ class _Archive:
             piece = self.pieces[index]
             if isinstance(piece, bytes):
                 out.append(piece[max(begin - start, 0):end - start])
-            elif start < begin or start + _length(piece) > end:
+            elif start < begin or start + piece_length(piece) > end:
                 raise ValueError(f"bytes {begin}-{end} of the archive cut a storage")
             else:
                 out.append(piece)
@@ -274,7 +273,8 @@ def _moved_zip64(data: bytes, old_offset: int, new_offset: int) -> bytes:
     return data[:-8] + struct.pack("<Q", new_offset)
 
 
-def _length(piece: Piece) -> int:
+def piece_length(piece: Piece) -> int:
+    """Bytes a piece of an archive takes in the file: bytes, a storage, or a uint8 tensor (a snapshot's copy)."""
     if isinstance(piece, bytes):
         return len(piece)
     return piece.nbytes() if isinstance(piece, torch.UntypedStorage) else piece.numel()
